@@ -1,0 +1,1 @@
+"""Megatron-style model-parallel core. Imports torch only, never ``neox``."""
