@@ -1,0 +1,140 @@
+"""ModelConfig: the transformer's shape, norms, positions, MLP, biases, init and activation checkpointing.
+
+Field names are the flat GPT-NeoX keys; each field's docstring is its entry in docs/config.md.
+``intermediate_size``, ``padded_vocab_size``, ``num_kv_heads``, ``max_position_embeddings`` and
+``attention_config`` are completed by ``neox.config.derive`` before the config is frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model arguments."""
+
+    num_layers: int | None = None
+    """Number of transformer layers."""
+
+    hidden_size: int | None = None
+    """Transformer hidden size."""
+
+    num_attention_heads: int | None = None
+    """Number of attention (query) heads."""
+
+    num_kv_heads: int | None = None
+    """Number of key/value heads (grouped-query attention). None: the same as num_attention_heads."""
+
+    attention_type: Literal["multihead", "groupedquery", "multiquery"] = "multihead"
+    """Kind of attention heads: 'multihead', 'groupedquery' (uses num_kv_heads) or 'multiquery' (one KV head)."""
+
+    seq_length: int | None = None
+    """Maximum sequence length to process (tokens per training sample)."""
+
+    max_position_embeddings: int | None = None
+    """Number of positions the model can address. None: seq_length."""
+
+    intermediate_size: int | None = None
+    """MLP inner dimension (per branch). None: derived as NeoX does (4*h for regular MLPs; for llama/gated MLPs 2/3 of 4*h rounded up to a multiple of mlp_multiple_of)."""
+
+    expansion_factor: float | None = None
+    """If set and intermediate_size is None, the MLP inner dimension is expansion_factor * hidden_size."""
+
+    mlp_multiple_of: int = 256
+    """The derived gated (llama) MLP inner dimension is rounded up to a multiple of this."""
+
+    padded_vocab_size: int | None = None
+    """Embedding rows: the tokenizer's vocabulary padded to make_vocab_size_divisible_by * model_parallel_size. Derived; set it only to override."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary so that its size divides by this value times model_parallel_size."""
+
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer: 'layernorm' or 'rmsnorm'."""
+
+    layernorm_epsilon: float = 1.0e-5
+    """LayerNorm epsilon."""
+
+    rms_norm_epsilon: float = 1.0e-8
+    """RMSNorm epsilon."""
+
+    pos_emb: Literal["rotary", "learned", "none"] = "learned"
+    """Positional embedding: 'rotary', 'learned' or 'none'."""
+
+    rotary_pct: float = 1.0
+    """Fraction of each head's dimensions that rotary embeddings rotate."""
+
+    rotary_emb_base: float = 10000
+    """Base (theta) of the rotary embedding frequencies."""
+
+    mlp_type: Literal["regular", "llama"] = "regular"
+    """MLP kind: 'regular' (linear, activation, linear) or 'llama' (gated: act(gate) * up, then down)."""
+
+    activation: Literal["gelu", "geglu", "relu", "silu", "swish", "swiglu", "reglu"] = "gelu"
+    """Activation function. 'swiglu' (and 'geglu', 'reglu') select the gated MLP with silu (gelu, relu); 'swish' = 'silu'."""
+
+    use_bias_in_norms: bool = True
+    """Give the norm layers a bias (LayerNorm only; RMSNorm has none)."""
+
+    use_bias_in_attn_linear: bool = True
+    """Give the attention's query_key_value and dense layers a bias."""
+
+    use_bias_in_mlp: bool = True
+    """Give the MLP's linear layers a bias."""
+
+    no_weight_tying: bool = False
+    """Use a separate output layer instead of the transposed input embedding."""
+
+    gpt_j_residual: bool = False
+    """GPT-J parallel residual: x = x + attn(ln1(x)) + mlp(ln2(x)) instead of the sequential form."""
+
+    gpt_j_tied: bool = False
+    """With gpt_j_residual, use one norm for both attention and MLP (ln1 = ln2)."""
+
+    output_layer_parallelism: Literal["column", "row"] = "column"
+    """How the output layer is split over tensor-parallel ranks; only 'column' (vocab-parallel) is implemented."""
+
+    attention_config: list[str] = field(default_factory=list)
+    """Attention kind per layer. Written as NeoX pairs, e.g. [[["global"], 12]] or [[["flash"], 32]]; expanded to one entry per layer (counts must sum to num_layers). Empty: global everywhere."""
+
+    init_method: Literal[
+        "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal"
+    ] = "normal"
+    """Init of every weight except residual outputs (attention dense, MLP linear2)."""
+
+    output_layer_init_method: Literal[
+        "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal"
+    ] = "scaled_normal"
+    """Init of the residual output layers (attention dense, MLP linear2)."""
+
+    init_method_std: float = 0.02
+    """Standard deviation of the 'normal' and 'scaled_normal' inits."""
+
+    hidden_dropout: float = 0.1
+    """Dropout on the embeddings and after the attention and MLP blocks (NeoX default 0.1; LLaMA-style configs set 0)."""
+
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities (NeoX default 0.1)."""
+
+    checkpoint_activations: bool = False
+    """Recompute each block's activations in the backward pass (activation checkpointing)."""
+
+    checkpoint_num_layers: int = 1
+    """Layers per activation-checkpoint chunk."""
+
+    partition_activations: bool = False
+    """Split checkpointed activations across tensor-parallel ranks (DeepSpeed activation checkpointing)."""
+
+    attention_softmax_in_fp32: bool = False
+    """Compute the attention softmax in fp32."""
+
+    apply_query_key_layer_scaling: bool = False
+    """Scale q*k^T by 1/layer_number (and undo it in fp32 softmax) as Megatron does."""
+
+    use_qk_layernorm: bool = False
+    """Normalise queries and keys per head before attention."""
+
+    sliding_window_width: int | None = None
+    """If set, each token attends only to this many previous tokens."""

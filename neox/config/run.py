@@ -1,0 +1,201 @@
+"""TrainingConfig, CheckpointConfig, LoggingConfig, TextGenConfig and LauncherConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Training-loop arguments (batch sizes: any two of the three determine the third)."""
+
+    train_iters: int | None = None
+    """Optimizer steps to train for."""
+
+    train_batch_size: int | None = None
+    """Global batch size in samples: micro-batch * gradient accumulation * data-parallel size."""
+
+    train_micro_batch_size_per_gpu: int | None = None
+    """Samples per rank per forward/backward pass."""
+
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches accumulated per optimizer step."""
+
+    seed: int = 1234
+    """Seed of Python, NumPy and torch RNGs, and of the weight init."""
+
+    eval_interval: int = 1000
+    """Evaluate on the validation set every this many iterations."""
+
+    eval_iters: int = 100
+    """Batches per evaluation."""
+
+    exit_interval: int | None = None
+    """Exit after the iteration that is a multiple of this value."""
+
+    kill_switch_path: str | None = None
+    """If this file exists, save a checkpoint and stop."""
+
+    max_nan_iterations: int = 100
+    """Stop when this many consecutive iterations give a non-finite loss."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint arguments."""
+
+    save: str | None = None
+    """Directory to save checkpoints to ({save}/global_step{N}, {save}/latest)."""
+
+    load: str | None = None
+    """Directory to load a checkpoint from (the tag named in {load}/latest)."""
+
+    checkpoint_factor: int | None = None
+    """Save every this many iterations (NeoX; save_interval is an alias)."""
+
+    extra_save_iters: list[int] = field(default_factory=list)
+    """Also save at these iterations."""
+
+    checkpoint_scale: str = "linear"
+    """'linear': every checkpoint_factor iterations; 'log': at powers of checkpoint_factor."""
+
+    finetune: bool = False
+    """Load weights only (no optimizer, schedule or iteration) from `load`."""
+
+    no_load_optim: bool = False
+    """Do not load the optimizer state."""
+
+    no_load_rng: bool = False
+    """Do not load the RNG state."""
+
+    s3_path: str | None = None
+    """s3://bucket/prefix to upload each saved checkpoint to."""
+
+    s3_chunk_size: int = 104_857_600
+    """Multipart upload chunk size in bytes."""
+
+    keep_last_n_checkpoints: int | None = None
+    """Delete older local checkpoints, keeping this many."""
+
+    checkpoint_validation_with_forward_pass: bool = False
+    """Save a forward pass's logits with the checkpoint and check them after loading."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Logging arguments."""
+
+    log_dir: str | None = None
+    """Directory for logs and metrics.jsonl."""
+
+    log_interval: int = 100
+    """Log every this many iterations."""
+
+    tensorboard_dir: str | None = None
+    """Write TensorBoard events here."""
+
+    use_wandb: bool = False
+    """Log to Weights & Biases (key from WANDB_API_KEY or ~/.netrc)."""
+
+    wandb_project: str = "neox"
+    """W&B project."""
+
+    wandb_group: str | None = None
+    """W&B run group."""
+
+    wandb_team: str | None = None
+    """W&B team (entity)."""
+
+    wandb_host: str = "https://api.wandb.ai"
+    """W&B server URL."""
+
+    wandb_init_all_ranks: bool = False
+    """Start a W&B run on every rank, not only rank 0."""
+
+    wall_clock_breakdown: bool = False
+    """Time the forward, backward and optimizer steps (DeepSpeed wall_clock_breakdown)."""
+
+    log_grad_norm: bool = False
+    """Log the gradient norm."""
+
+    log_param_norm: bool = False
+    """Log the parameter norm."""
+
+    steps_per_print: int = 10
+    """DeepSpeed's own print interval (NeoX key; neox logs by log_interval)."""
+
+
+@dataclass(frozen=True)
+class TextGenConfig:
+    """Text-generation arguments (generate.py)."""
+
+    text_gen_type: str | None = None
+    """'unconditional', 'input-file' or 'interactive'."""
+
+    sample_input_file: str | None = None
+    """Prompts, one per line."""
+
+    sample_output_file: str = "samples.txt"
+    """Where generated samples are written (JSON lines)."""
+
+    num_samples: int = 1
+    """Unconditional samples to generate."""
+
+    maximum_tokens: int = 64
+    """Tokens generated per prompt."""
+
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy."""
+
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0: off)."""
+
+    top_p: float = 0.0
+    """Nucleus sampling probability mass (0: off)."""
+
+    recompute: bool = False
+    """Recompute all attention each step instead of using the KV cache."""
+
+    prompt_end: str = "\n"
+    """Separator that ends a prompt in sample_input_file."""
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """Launcher arguments (deepy.py)."""
+
+    launcher: str = "pdsh"
+    """Multi-node launcher: 'pdsh', 'openmpi', 'mvapich', 'slurm', ... ('slurm' with deepspeed_slurm uses srun)."""
+
+    deepspeed_slurm: bool = False
+    """Start ranks with srun directly (one task per GPU) instead of the DeepSpeed runner."""
+
+    hostfile: str | None = None
+    """DeepSpeed hostfile ('host slots=N' lines)."""
+
+    include: str | None = None
+    """Hosts/GPUs to use, DeepSpeed syntax (e.g. 'worker-0:0,1@worker-1')."""
+
+    exclude: str | None = None
+    """Hosts/GPUs to leave out, DeepSpeed syntax."""
+
+    num_nodes: int = -1
+    """Nodes to use (-1: all in the hostfile, 1 without one)."""
+
+    num_gpus: int | None = None
+    """Ranks per node (-1 or None: every visible GPU; on a machine without GPUs, 1)."""
+
+    master_port: int = 29500
+    """Rendezvous port."""
+
+    master_addr: str | None = None
+    """Rendezvous address (None: the first host)."""
+
+    deepspeed_mpi: bool = False
+    """Discover ranks from the MPI environment."""
+
+    comment: str | None = None
+    """Passed as --comment to srun (some clusters require it)."""
+
+    account: str | None = None
+    """Passed as --account to srun."""
