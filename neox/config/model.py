@@ -42,8 +42,8 @@ class ModelConfig:
     expansion_factor: float | None = None
     """If set and intermediate_size is None, the MLP inner dimension is expansion_factor * hidden_size."""
 
-    mlp_multiple_of: int = 256
-    """The derived gated (llama) MLP inner dimension is rounded up to a multiple of this."""
+    mlp_multiple_of: int = 1
+    """Gated MLPs written the current NeoX way (activation swiglu/geglu/reglu) round their inner dimension up to a multiple of this (mlp_type: llama always uses 256, as NeoX did)."""
 
     padded_vocab_size: int | None = None
     """Embedding rows: the tokenizer's vocabulary padded to make_vocab_size_divisible_by * model_parallel_size. Derived; set it only to override."""
@@ -112,11 +112,11 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Standard deviation of the 'normal' and 'scaled_normal' inits."""
 
-    hidden_dropout: float = 0.1
-    """Dropout on the embeddings and after the attention and MLP blocks (NeoX default 0.1; LLaMA-style configs set 0)."""
+    hidden_dropout: float = 0.0
+    """Dropout on the embeddings and after the attention and MLP blocks."""
 
-    attention_dropout: float = 0.1
-    """Dropout on the attention probabilities (NeoX default 0.1)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
 
     checkpoint_activations: bool = False
     """Recompute each block's activations in the backward pass (activation checkpointing)."""

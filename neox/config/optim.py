@@ -13,7 +13,7 @@ class OptimizerConfig:
     optimizer: dict[str, Any] = field(default_factory=dict)
     """Optimizer as NeoX writes it: {type: Adam|AdamW|..., params: {lr, betas, eps, ...}}."""
 
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     """Weight decay coefficient (not applied to biases and norm weights)."""
 
     gradient_clipping: float = 1.0
@@ -38,6 +38,9 @@ class LRConfig:
 
     lr_decay_iters: int | None = None
     """Iterations over which the learning rate decays. None: train_iters."""
+
+    lr_decay_fraction: float | None = None
+    """If set, lr_decay_iters = lr_decay_fraction * train_iters."""
 
     warmup: float = 0.01
     """Warmup as a fraction of lr_decay_iters (NeoX's meaning); ignored when warmup_iters is set."""

@@ -62,6 +62,12 @@ class CheckpointConfig:
     finetune: bool = False
     """Load weights only (no optimizer, schedule or iteration) from `load`."""
 
+    no_save_optim: bool = False
+    """Do not save the optimizer state."""
+
+    no_save_rng: bool = False
+    """Do not save the RNG state."""
+
     no_load_optim: bool = False
     """Do not load the optimizer state."""
 
