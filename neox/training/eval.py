@@ -1,0 +1,33 @@
+"""Evaluation: mean lm loss over ``eval_iters`` iterations of a split (validation or test).
+
+Each eval iteration consumes one global batch (``gradient_accumulation_steps`` micro-batches per
+rank), as in NeoX, so the samples drawn match what the data builder sized the splits for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from neox.training.step import dp_mean, get_batch
+
+
+@torch.no_grad()
+def evaluate(engine: Any, data_iter: Iterator, eval_iters: int, *, eod: int | None, eod_mask_loss: bool,
+             device: torch.device, loss_fn: Any, is_pipe: bool) -> float:
+    """Mean loss over ``eval_iters`` global batches, averaged over data-parallel ranks."""
+    losses = []
+    for _ in range(eval_iters):
+        if is_pipe:
+            losses.append(engine.eval_batch(data_iter).detach().float().reshape(()))
+            continue
+        engine.eval()
+        for _ in range(engine.gradient_accumulation_steps()):
+            tokens, labels, loss_mask = get_batch(next(data_iter), eod, eod_mask_loss, device)
+            losses.append(loss_fn(engine(tokens), labels, loss_mask).detach().float())
+    engine.train()
+    mean = torch.stack(losses).mean()
+    # The pipeline engine already averages over data-parallel ranks.
+    return float(mean if is_pipe else dp_mean(mean))

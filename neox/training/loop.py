@@ -1,0 +1,197 @@
+"""The training loop: steps, logging, evaluation, checkpoints, NaN guard and stop requests."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from neox.config import NeoXArgs
+from neox.errors import NeoXError
+from neox.logging import MetricsLogger, max_memory_gib
+from neox.training import flops
+from neox.training.eval import evaluate
+from neox.training.preemption import StopRequests
+from neox.training.state import TrainState
+from neox.training.step import StepResult, pipe_batches, train_step, train_step_pipe
+
+
+class TrainingDivergedError(NeoXError):
+    """The loss stayed NaN/Inf for max_nan_iterations iterations in a row."""
+
+
+@dataclass
+class TrainContext:
+    """Everything the loop needs besides the run state (built once by ``pretrain``)."""
+
+    args: NeoXArgs
+    engine: Any
+    device: torch.device
+    loss_fn: Callable
+    eod: int | None
+    logger: MetricsLogger
+    stop: StopRequests
+    save_fn: Callable[[TrainState, int], None] | None = None
+    peak_tflops: float | None = None
+    losses: list[float] = field(default_factory=list)
+    """Every iteration's loss (kept for tests and the final summary)."""
+
+    @property
+    def is_pipe(self) -> bool:
+        return self.args.parallel.pipe_parallel_size >= 1
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.engine.train_batch_size())
+
+
+@dataclass
+class _Window:
+    """Sums over the iterations since the last log line."""
+
+    iters: int = 0
+    seconds: float = 0.0
+    timers_ms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, seconds: float, timers: dict[str, float]) -> None:
+        self.iters += 1
+        self.seconds += seconds
+        for k, v in timers.items():
+            self.timers_ms[k] = self.timers_ms.get(k, 0.0) + v
+
+
+def should_save(args: NeoXArgs, iteration: int) -> bool:
+    """NeoX's save schedule: every checkpoint_factor iterations (or at its powers), plus extra_save_iters."""
+    ck = args.checkpoint
+    if not ck.save:
+        return False
+    if iteration in ck.extra_save_iters:
+        return True
+    factor = ck.checkpoint_factor
+    if not factor:
+        return False
+    if ck.checkpoint_scale == "log":
+        power = factor
+        while power < iteration:
+            power *= factor
+        return power == iteration
+    return iteration % factor == 0
+
+
+def _loss_scale(engine: Any) -> float:
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    cfg = getattr(opt, "loss_scale_config", None)
+    return float(cfg.cur_scale if cfg is not None else getattr(opt, "cur_scale", 1.0))
+
+
+def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window) -> dict[str, Any]:
+    args = ctx.args
+    seq = args.model.seq_length
+    per_iter = win.seconds / max(win.iters, 1)
+    tokens = ctx.global_batch * seq * win.iters
+    tp = flops.throughput(args.model, tokens, win.seconds, args.parallel.world_size or 1, ctx.peak_tflops)
+    rec = {
+        "iteration": state.iteration, "lm_loss": res.loss, "lr": float(ctx.engine.get_lr()[0]),
+        "grad_norm": res.grad_norm, "loss_scale": _loss_scale(ctx.engine),
+        "samples_per_sec": ctx.global_batch * win.iters / max(win.seconds, 1e-9),
+        "tokens_per_sec": tokens / max(win.seconds, 1e-9),
+        "tflops_per_gpu": tp["tflops_per_gpu"], "hardware_tflops_per_gpu": tp["hardware_tflops_per_gpu"],
+        "mfu": tp["mfu"], "consumed_samples": state.consumed_train_samples,
+        "consumed_tokens": state.consumed_tokens, "skipped_iterations": state.skipped_iters,
+        "nan_iterations": state.nan_iters, "max_memory_gib": max_memory_gib(ctx.device.type),
+        "elapsed_ms_per_iteration": per_iter * 1000,
+    }
+    if win.timers_ms:
+        rec["timers_ms"] = {k: v / max(win.iters, 1) for k, v in win.timers_ms.items()}
+    return rec
+
+
+def _step(ctx: TrainContext, train_iter: Iterator) -> StepResult:
+    breakdown = ctx.args.logging.wall_clock_breakdown
+    if ctx.is_pipe:
+        return train_step_pipe(ctx.engine, train_iter, device=ctx.device, breakdown=breakdown)
+    return train_step(ctx.engine, train_iter, eod=ctx.eod, eod_mask_loss=ctx.args.data.eod_mask_loss,
+                      device=ctx.device, loss_fn=ctx.loss_fn, breakdown=breakdown)
+
+
+def _account(ctx: TrainContext, state: TrainState, res: StepResult, nan_run: int) -> int:
+    """Advance the state by one step; returns the new count of consecutive NaN iterations."""
+    state.iteration += 1
+    state.consumed_train_samples += ctx.global_batch
+    state.consumed_tokens += ctx.global_batch * ctx.args.model.seq_length
+    ctx.losses.append(res.loss)
+    if not res.applied:
+        state.skipped_iters += 1
+    if math.isfinite(res.loss):
+        return 0
+    state.nan_iters += 1
+    nan_run += 1
+    limit = ctx.args.training.max_nan_iterations
+    # fp16 recovers through the loss scaler (the step is skipped); bf16/fp32 have no such guard.
+    if not ctx.engine.fp16_enabled() and limit and nan_run >= limit:
+        raise TrainingDivergedError(
+            f"loss was NaN/Inf for {nan_run} iterations in a row (max_nan_iterations={limit}) at "
+            f"iteration {state.iteration}; lower lr or check the data")
+    return nan_run
+
+
+def run_eval(ctx: TrainContext, state: TrainState, data_iter: Iterator | None, split: str) -> float | None:
+    """Evaluate on one split and log it; returns the loss (None without data)."""
+    if data_iter is None or ctx.args.training.eval_iters <= 0:
+        return None
+    if ctx.is_pipe:
+        data_iter = pipe_batches(data_iter, ctx.eod, ctx.args.data.eod_mask_loss)
+    loss = evaluate(ctx.engine, data_iter, ctx.args.training.eval_iters, eod=ctx.eod,
+                    eod_mask_loss=ctx.args.data.eod_mask_loss, device=ctx.device, loss_fn=ctx.loss_fn,
+                    is_pipe=ctx.is_pipe)
+    if split == "validation":
+        state.consumed_valid_samples += ctx.global_batch * ctx.args.training.eval_iters
+    ctx.logger.log_eval(split, state.iteration, loss)
+    return loss
+
+
+def _save(ctx: TrainContext, state: TrainState) -> None:
+    if ctx.save_fn is not None and ctx.args.checkpoint.save:
+        ctx.save_fn(state, state.iteration)
+
+
+def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter: Iterator | None = None,
+          test_iter: Iterator | None = None) -> str | None:
+    """Train until ``train_iters``; returns the stop reason if stopped early (after saving)."""
+    args = ctx.args
+    tcfg, log_interval = args.training, max(args.logging.log_interval, 1)
+    # One pipe-batch generator for the whole run: a fresh one per step would drop its buffered batch.
+    source = pipe_batches(train_iter, ctx.eod, args.data.eod_mask_loss) if ctx.is_pipe else train_iter
+    win, nan_run, last_saved = _Window(), 0, None
+    while state.iteration < (tcfg.train_iters or 0):
+        start = time.perf_counter()
+        res = _step(ctx, source)
+        if ctx.device.type == "cuda" and state.iteration % log_interval == log_interval - 1:
+            torch.cuda.synchronize(ctx.device)  # so the logged time covers the queued work
+        win.add(time.perf_counter() - start, res.timers_ms)
+        nan_run = _account(ctx, state, res, nan_run)
+        if state.iteration % log_interval == 0:
+            ctx.logger.log_train(_record(ctx, state, res, win))
+            win = _Window()
+        if should_save(args, state.iteration):
+            _save(ctx, state)
+            last_saved = state.iteration
+        if tcfg.eval_interval and state.iteration % tcfg.eval_interval == 0:
+            run_eval(ctx, state, valid_iter, "validation")
+        reason = ctx.stop.should_stop(ctx.device)
+        if reason is None and tcfg.exit_interval and state.iteration % tcfg.exit_interval == 0:
+            reason = f"exit_interval {tcfg.exit_interval}"
+        if reason is not None:
+            if last_saved != state.iteration:
+                _save(ctx, state)
+            return reason
+    if last_saved != state.iteration and state.iteration > 0:
+        _save(ctx, state)
+    run_eval(ctx, state, test_iter, "test")
+    return None

@@ -1,0 +1,90 @@
+"""Learning-rate schedules as GPT-NeoX's AnnealingLR computes them.
+
+Warmup is linear from 0 to ``lr`` over ``warmup_iter`` steps, then the decay style runs over the
+remaining ``decay_iters - warmup_iter`` steps, never going below ``min_lr``:
+
+- constant: ``lr``
+- linear:   ``lr * (D - n) / D``
+- cosine:   ``min_lr + (lr - min_lr) / 2 * (1 + cos(pi * n / D))``
+- exponential: ``lr * exp(-0.693 * n / D)`` (halves over the decay)
+
+with ``n = iteration - warmup_iter`` and ``D = decay_iters - warmup_iter``. The scheduler is handed
+to ``deepspeed.initialize``; the engine calls ``step()`` after every applied optimizer step, so a
+step the fp16 loss scaler skips does not advance the schedule (as in NeoX).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from neox.config import LRConfig
+from neox.errors import ConfigError
+
+
+def resolve_schedule(cfg: LRConfig, train_iters: int, base_lr: float) -> dict[str, Any]:
+    """The schedule's numbers from the config: peak lr, min lr, warmup and decay lengths, style."""
+    if cfg.lr_decay_iters is not None:
+        decay_iters = cfg.lr_decay_iters
+    elif getattr(cfg, "lr_decay_fraction", None) is not None:
+        decay_iters = math.floor(train_iters * cfg.lr_decay_fraction)
+    else:
+        decay_iters = train_iters
+    decay_iters = max(1, decay_iters)
+    # NeoX keeps warmup as a float fraction of the decay length; warmup_iters overrides it.
+    warmup = float(cfg.warmup_iters) if cfg.warmup_iters is not None else cfg.warmup * decay_iters
+    if warmup < 0 or warmup > decay_iters:
+        raise ConfigError(f"warmup_iters: expected a value in [0, lr_decay_iters={decay_iters}], got {warmup}")
+    min_lr = cfg.decay_lr_to * base_lr if cfg.decay_lr_to is not None else cfg.min_lr
+    return {"lr": base_lr, "min_lr": min_lr, "warmup_iters": warmup, "decay_iters": decay_iters,
+            "style": cfg.lr_decay_style}
+
+
+def lr_at(iteration: float, *, lr: float, min_lr: float, warmup_iters: float, decay_iters: int,
+          style: str) -> float:
+    """The learning rate used for the step after ``iteration`` steps have been applied."""
+    if warmup_iters > 0 and iteration <= warmup_iters:
+        return lr * iteration / warmup_iters
+    span = max(decay_iters - warmup_iters, 1e-12)
+    n = min(iteration, decay_iters) - warmup_iters
+    if style == "linear":
+        value = lr * (span - n) / span
+    elif style == "cosine":
+        value = min_lr + (lr - min_lr) / 2.0 * (math.cos(math.pi * n / span) + 1.0)
+    elif style == "exponential":
+        value = lr * math.exp(-0.693 * n / span)
+    elif style == "constant":
+        value = lr
+    else:
+        raise ConfigError(f"lr_decay_style: expected constant, linear, cosine or exponential, got {style!r}")
+    return max(value, min_lr)
+
+
+class AnnealingLR:
+    """Sets every param group's lr from ``lr_at``; DeepSpeed calls ``step()`` after each applied step."""
+
+    def __init__(self, optimizer: Any, schedule: dict[str, Any], last_iter: int = 0) -> None:
+        self.optimizer = optimizer
+        self.schedule = dict(schedule)
+        self.num_iters = last_iter
+        self.step(last_iter)
+
+    def get_lr(self) -> float:
+        return lr_at(self.num_iters, **self.schedule)
+
+    def get_last_lr(self) -> list[float]:
+        return [self.get_lr()]
+
+    def step(self, step_num: int | None = None, **_: Any) -> None:
+        """Advance one step (or jump to ``step_num``) and write the new lr into the optimizer."""
+        self.num_iters = self.num_iters + 1 if step_num is None else step_num
+        lr = self.get_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_iters": self.num_iters, **self.schedule}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        # The config's schedule wins (so a resumed run may change it); only the position is restored.
+        self.step(int(sd.get("num_iters", 0)))

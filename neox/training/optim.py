@@ -1,0 +1,94 @@
+"""The optimizer and its parameter groups.
+
+We build the optimizer ourselves and hand it to ``deepspeed.initialize`` (whose config then has no
+"optimizer" block) rather than letting DeepSpeed build it from the config, because:
+- the parameter groups are ours: no weight decay on norms and biases, which DeepSpeed's config path
+  does not do (it applies one weight decay to every parameter);
+- PyTorch's fused AdamW is as fast as DeepSpeed's FusedAdam and needs no compiled ops, so the same
+  code runs on a CPU test box and on an H100.
+ZeRO accepts ``torch.optim.AdamW`` and DeepSpeed's FusedAdam / DeepSpeedCPUAdam as tested optimizers.
+NeoX's "Adam" is apex/DeepSpeed FusedAdam in its default AdamW mode (decoupled weight decay), so both
+"Adam" and "AdamW" build AdamW here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from neox.config import NeoXArgs
+from neox.errors import ConfigError
+
+ADAM_TYPES = ("adam", "adamw", "fusedadam", "cpu_adam")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weights that decay, and norms / biases (every tensor of rank < 2) that do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or name.endswith(".bias") or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def base_lr(args: NeoXArgs) -> float:
+    """Peak learning rate: ``lr`` if set, else ``optimizer.params.lr``."""
+    lr = args.lr.lr if args.lr.lr is not None else args.optim.optimizer.get("params", {}).get("lr")
+    if lr is None:
+        raise ConfigError("lr: expected a learning rate (set lr or optimizer.params.lr)")
+    return float(lr)
+
+
+def _offloads_optimizer(zero: dict[str, Any]) -> bool:
+    return (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+
+
+def _installed_op(name: str) -> bool:
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(name))
+
+
+def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.optim.Optimizer:
+    """Adam(W) or SGD over ``param_groups``, the fastest implementation this machine has."""
+    spec = args.optim.optimizer or {"type": "AdamW", "params": {}}
+    kind = str(spec.get("type", "AdamW")).lower()
+    params = dict(spec.get("params", {}))
+    weight_decay = float(params.pop("weight_decay", args.optim.weight_decay))
+    groups = param_groups(model, weight_decay)
+    lr = base_lr(args)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=float(params.get("momentum", 0.0)))
+    if kind not in ADAM_TYPES:
+        raise ConfigError(f"optimizer.type: expected Adam, AdamW or SGD, got {spec.get('type')!r}")
+    betas = tuple(params.get("betas", (0.9, 0.999)))
+    eps = float(params.get("eps", 1e-8))
+    if _offloads_optimizer(args.optim.zero_optimization) and _installed_op("cpu_adam"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+    if device.type == "cuda" and _installed_op("fused_adam"):
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    fused = device.type == "cuda" and not _offloads_optimizer(args.optim.zero_optimization)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def deepspeed_config_for(args: NeoXArgs, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``args.deepspeed_config()`` without the blocks we build ourselves (optimizer, scheduler)."""
+    config = dict(args.deepspeed_config())
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    if _offloads_optimizer(config.get("zero_optimization") or {}) and type(optimizer).__name__ != "DeepSpeedCPUAdam":
+        # Without DeepSpeed's compiled CPU Adam, offload runs torch AdamW on the CPU copy.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config

@@ -1,0 +1,169 @@
+"""``pretrain(args)``: wiring only — process groups, seeds, tokenizer, model, engine, data, loop."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_core import parallel_state
+from neox.config import NeoXArgs
+from neox.logging import MetricsLogger
+from neox.training import flops
+from neox.training.loop import TrainContext, train
+from neox.training.lr_schedule import AnnealingLR, resolve_schedule
+from neox.training.optim import base_lr, build_optimizer, deepspeed_config_for
+from neox.training.preemption import StopRequests
+from neox.training.state import TrainState
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run returns: its final state and every iteration's loss."""
+
+    state: TrainState
+    losses: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(args: NeoXArgs) -> torch.device:
+    """torch.distributed (NCCL on GPU, gloo on CPU) and the tensor/pipeline/data groups; the device."""
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # `python train.py` without a launcher: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not parallel_state.is_initialized():
+        parallel_state.initialize_model_parallel(args.parallel.model_parallel_size,
+                                                 max(args.parallel.pipe_parallel_size, 1))
+    return device
+
+
+def set_seeds(seed: int) -> None:
+    """Python, NumPy and torch RNGs, plus the tensor-parallel stream (differs per tensor rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    from megatron_core.tensor_parallel.random import model_parallel_manual_seed
+
+    model_parallel_manual_seed(seed)
+
+
+def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
+    """GPTModel for pipe_parallel_size 0, else a GPTModelPipe (a DeepSpeed PipelineModule)."""
+    seed, sp = args.training.seed, args.parallel.sequence_parallel
+    if args.parallel.pipe_parallel_size == 0:
+        from neox.model import GPTModel
+
+        return GPTModel(args.model, sequence_parallel=sp, seed=seed, device=device)
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from neox.model.pipe import GPTModelPipe
+
+    topo = PipeModelDataParallelTopology(num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                                         num_mp=parallel_state.get_tensor_model_parallel_world_size(),
+                                         num_dp=parallel_state.get_data_parallel_world_size())
+    return GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed)
+
+
+def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -> tuple[Any, AnnealingLR]:
+    """deepspeed.initialize with our optimizer, schedule and mpu (the pipe engine uses its own grid)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, args, device)
+    schedule = resolve_schedule(args.lr, args.training.train_iters or 0, base_lr(args))
+    scheduler = AnnealingLR(optimizer, schedule)
+    is_pipe = args.parallel.pipe_parallel_size >= 1
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_for(args, optimizer),
+        mpu=None if is_pipe else parallel_state, dist_init_required=False,
+    )
+    return engine, scheduler
+
+
+def _device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def _prepare(args: NeoXArgs) -> tuple[NeoXArgs, torch.device, Any]:
+    device = init_distributed(args)
+    set_seeds(args.training.seed)
+    from neox.tokenizer.build import build_tokenizer
+
+    tokenizer = build_tokenizer(args.tokenizer)
+    if args.model.padded_vocab_size is None:
+        args = args.with_vocab_size(tokenizer.vocab_size)
+    return args, device, tokenizer
+
+
+def _load(engine: Any, args: NeoXArgs) -> TrainState:
+    if not args.checkpoint.load:
+        return TrainState()
+    from neox.checkpoint import load_checkpoint
+
+    return load_checkpoint(engine, args) or TrainState()
+
+
+def _iterators(args: NeoXArgs, state: TrainState) -> Any:
+    from neox.data.builder import build_data_iterators
+
+    t = args.training
+    return build_data_iterators(
+        args.data, seq_length=args.model.seq_length, seed=t.seed,
+        micro_batch_size=t.train_micro_batch_size_per_gpu, global_batch_size=t.train_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+        train_iters=t.train_iters, eval_interval=t.eval_interval, eval_iters=t.eval_iters,
+        consumed_train_samples=state.consumed_train_samples, consumed_valid_samples=state.consumed_valid_samples,
+    )
+
+
+def _save_fn(engine: Any, args: NeoXArgs):
+    from neox.checkpoint import save_checkpoint
+
+    return lambda state, iteration: save_checkpoint(engine, args, state, iteration)
+
+
+def pretrain(args: NeoXArgs) -> TrainResult:
+    """Train the model ``args`` describes; every rank calls this (train.py, or a test's spawned rank)."""
+    args, device, tokenizer = _prepare(args)
+    from neox.model.loss import lm_loss
+
+    model = build_model(args, device)
+    engine, _ = build_engine(args, model, device)
+    state = _load(engine, args)
+    iters = _iterators(args, state)
+    rank0 = dist.get_rank() == 0
+    logger = MetricsLogger(args.logging, train_iters=args.training.train_iters,
+                           run_config=args.to_flat() if args.logging.use_wandb else None, enabled=rank0)
+    stop = StopRequests(args.training.kill_switch_path)
+    stop.install()
+    ctx = TrainContext(args=args, engine=engine, device=device, loss_fn=lm_loss, eod=tokenizer.eod,
+                       logger=logger, stop=stop, save_fn=_save_fn(engine, args) if args.checkpoint.save else None,
+                       peak_tflops=flops.peak_tflops(_device_name(device)))
+    if rank0:
+        print(f"neox: {flops.non_embedding_params(args.model) / 1e6:.2f}M non-embedding parameters, "
+              f"{flops.flops_per_token(args.model) / 1e6:.1f} MFLOPs per token, device {device}", flush=True)
+    try:
+        reason = train(ctx, state, iters.train, iters.valid, iters.test)
+    finally:
+        stop.uninstall()
+        logger.close()
+    if rank0 and reason:
+        print(f"neox: stopped at iteration {state.iteration} ({reason}); checkpoint saved", flush=True)
+    return TrainResult(state=state, losses=list(ctx.losses), stop_reason=reason)
