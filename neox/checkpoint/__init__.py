@@ -1,0 +1,127 @@
+"""Checkpoints: DeepSpeed's layout, saved crash-safely with a manifest, optionally mirrored to S3.
+
+``save_checkpoint(engine, args, state, iteration)`` and ``load_checkpoint(engine, args)`` are what
+the training loop calls (both are collectives: every rank calls them). Layout, atomicity and S3
+behaviour are described in docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from neox.checkpoint import local
+from neox.checkpoint.s3 import S3Settings, S3Uploader, default_cache_dir, download_latest, is_s3_url
+from neox.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "wait_for_uploads"]
+
+_UPLOADER_ATTR = "_neox_s3_uploader"
+
+
+def _uploader(engine: Any, ck: Any) -> S3Uploader:
+    # Kept on the engine, which lives as long as the run, rather than in a module global.
+    up = getattr(engine, _UPLOADER_ATTR, None)
+    if up is None or up.url != ck.s3_path:
+        up = S3Uploader(ck.s3_path, S3Settings(chunk_size=ck.s3_chunk_size))
+        object.__setattr__(engine, _UPLOADER_ATTR, up)
+    return up
+
+
+def wait_for_uploads(engine: Any, timeout: float | None = None) -> bool:
+    """Wait for queued S3 uploads of this engine's checkpoints; False if ``timeout`` ran out first."""
+    up = getattr(engine, _UPLOADER_ATTR, None)
+    return True if up is None else up.wait(timeout)
+
+
+def save_checkpoint(engine: Any, args: Any, state: Any, iteration: int, *,
+                    validation_fn: Callable[[], float] | None = None) -> str | None:
+    """Save ``{save}/global_step{iteration}`` (all ranks call this); return the tag directory.
+
+    ``validation_fn`` (a collective returning the loss of a fixed batch) is called when
+    ``checkpoint_validation_with_forward_pass`` is on; its loss is stored in the manifest and
+    checked by :func:`load_checkpoint`. Returns None when ``save`` is not set.
+    """
+    ck = args.checkpoint
+    if not ck.save:
+        return None
+    start = time.monotonic()
+    vloss = None
+    if ck.checkpoint_validation_with_forward_pass and validation_fn is not None:
+        vloss = local.with_rng_preserved(validation_fn)
+    client = {"train_state": state.to_dict(), "iteration": int(iteration)}
+    flat = args.to_flat() if hasattr(args, "to_flat") else None
+    tag_dir = local.save(engine, ck.save, iteration, client_state=client, args_flat=flat, validation_loss=vloss)
+    if local._rank() == 0:
+        protect: set[str] = set()
+        if ck.s3_path:
+            up = _uploader(engine, ck)
+            up.enqueue(ck.save, os.path.basename(tag_dir))
+            protect = up.pending()
+        if ck.keep_last_n_checkpoints:
+            removed = local.prune(ck.save, ck.keep_last_n_checkpoints, protect)
+            if removed:
+                log.info("keep_last_n_checkpoints=%d: removed %s", ck.keep_last_n_checkpoints, ", ".join(removed))
+        log.info("saved checkpoint %s in %.2fs", tag_dir, time.monotonic() - start)
+    return tag_dir
+
+
+def _fetch_s3(url: str, save_dir: str | None) -> str:
+    """Download the latest tag of ``url`` (local rank 0 of each node); return the local directory."""
+    cache = default_cache_dir(url, save_dir)
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            if download_latest(url, cache) is None:
+                log.warning("%s: no 'latest' object; nothing to load", url)
+        except CheckpointError as err:
+            error = str(err)
+        except Exception as err:  # noqa: BLE001 - boto errors become one line, on every rank
+            error = f"{url}: download failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    errors = [e for e in local._all_gather(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return cache
+
+
+def load_checkpoint(engine: Any, args: Any, *,
+                    validation_fn: Callable[[], float] | None = None) -> Any:
+    """Load ``load`` into ``engine`` (all ranks call this); return the TrainState, or None if nothing to load.
+
+    ``load`` is a directory with ``latest``, one of its ``global_step{N}`` directories (to pick an
+    iteration), or ``s3://bucket/prefix``. With ``finetune`` only the weights are loaded and the
+    returned state starts at iteration 0.
+    """
+    from neox.training.state import TrainState
+
+    ck = args.checkpoint
+    if not ck.load:
+        return None
+    where = _fetch_s3(ck.load, ck.save) if is_s3_url(ck.load) else ck.load
+    resolved = local.resolve(where)
+    if resolved is None:
+        if local._rank() == 0:
+            log.warning("load=%s: no checkpoint found; starting from scratch", ck.load)
+        return None
+    load_dir, tag = resolved
+    client, manifest = local.load(engine, load_dir, tag, module_only=ck.finetune,
+                                  load_optimizer=not ck.no_load_optim,
+                                  load_rng=not (ck.no_load_rng or ck.finetune))
+    if ck.finetune:
+        state = TrainState()
+    elif client and "train_state" in client:
+        state = TrainState.from_dict(client["train_state"])
+    else:  # a checkpoint written by GPT-NeoX or DeepSpeed directly
+        state = TrainState(iteration=int(getattr(engine, "global_steps", 0)))
+    if ck.checkpoint_validation_with_forward_pass and validation_fn is not None and manifest:
+        now = local.with_rng_preserved(validation_fn)
+        local.check_validation_loss(os.path.join(load_dir, tag), manifest.get("validation_loss"), now)
+    if local._rank() == 0:
+        log.info("loaded %s (iteration %d%s)", os.path.join(load_dir, tag), state.iteration,
+                 ", weights only" if ck.finetune else "")
+    return state

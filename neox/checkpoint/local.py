@@ -1,0 +1,324 @@
+"""Saving and loading DeepSpeed checkpoints on a (shared) filesystem, crash-safely.
+
+A save writes every rank's files into ``{save}/global_step{N}.partial`` through
+``engine.save_checkpoint``, adds each rank's RNG state, fsyncs, and only after a barrier does
+rank 0 write the manifest, rename the directory to ``global_step{N}`` and atomically replace
+``latest``. A process killed at any point before that leaves the previous tag and ``latest``
+untouched; the loader never follows ``latest`` to a directory without a complete manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from neox.checkpoint import manifest as mf
+from neox.checkpoint.rng import get_rng_state, load_rng_state, save_rng_state, set_rng_state
+from neox.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TAG_RE = re.compile(r"^global_step(\d+)$")
+PARTIAL_SUFFIX = ".partial"
+ARGS_NAME = "neox_args.json"
+CLIENT_KEY = "neox"
+_SECRET_RE = re.compile(r"(^|_)(api_key|secret|secret_key|access_key|password|passwd|token|credentials?|auth)(_|$)")
+_VALIDATION_RTOL = 1e-3
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def tag_for(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def redact(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flat config with secret-looking values replaced, safe to store next to the weights."""
+    out = {}
+    for key, value in flat.items():
+        if _SECRET_RE.search(key.lower()) and value not in (None, ""):
+            out[key] = "<redacted>"
+        elif isinstance(value, str):
+            out[key] = re.sub(r"://[^/@\s]+@", "://<redacted>@", value)
+        else:
+            out[key] = value
+    return out
+
+
+def engine_layout(engine: Any) -> dict[str, int]:
+    """World, data-, tensor- and pipeline-parallel sizes and ZeRO stage of ``engine``."""
+    return {
+        "world_size": _world(),
+        "data_parallel_size": int(getattr(engine, "seq_dp_world_size", getattr(engine, "dp_world_size", 1))),
+        "model_parallel_size": int(getattr(engine, "mp_world_size", 1)),
+        "pipe_parallel_size": int(getattr(engine, "num_stages", 1)),
+        "zero_stage": int(engine.zero_optimization_stage()),
+    }
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                mf.fsync_path(os.path.join(dirpath, name))
+            except FileNotFoundError:  # another rank's temp file renamed away meanwhile
+                pass
+        mf.fsync_path(dirpath)
+
+
+def _hash_shared(tag_dir: str) -> dict[str, dict]:
+    """Checksums of every file of ``tag_dir``, the work split over all ranks (a collective)."""
+    files = _broadcast(mf.list_files(tag_dir) if _rank() == 0 else None)
+    mine = files[_rank()::_world()]
+    described: dict[str, dict] = {}
+    for part in _all_gather(mf.describe_files(tag_dir, mine)):
+        described.update(part)
+    return described
+
+
+def with_rng_preserved(fn: Callable[[], float]) -> float:
+    """Call ``fn`` and put every RNG back as it was, so validation never shifts training randomness."""
+    state = get_rng_state()
+    try:
+        return float(fn())
+    finally:
+        set_rng_state(state)
+
+
+def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, Any],
+         args_flat: dict[str, Any] | None = None, validation_loss: float | None = None) -> str:
+    """Save one crash-safe checkpoint tag (a collective); return the final tag directory."""
+    tag = tag_for(iteration)
+    partial = tag + PARTIAL_SUFFIX
+    partial_dir = os.path.join(save_dir, partial)
+    if _rank() == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that crashed
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    save_rng_state(partial_dir, _rank())
+    if _rank() == 0 and args_flat is not None:
+        with open(os.path.join(partial_dir, ARGS_NAME), "w") as f:
+            json.dump(redact(args_flat), f, indent=1, sort_keys=True, default=str)
+    _fsync_tree(partial_dir)
+    _barrier()  # every rank's files are on disk
+    files = _hash_shared(partial_dir)
+    final_dir = os.path.join(save_dir, tag)
+    if _rank() == 0:
+        mf.write_manifest(partial_dir, files, tag=tag, iteration=iteration, layout=engine_layout(engine),
+                          validation_loss=validation_loss)
+        _commit(save_dir, tag)
+    _barrier()
+    return final_dir
+
+
+def _commit(save_dir: str, tag: str) -> None:
+    """Rename ``{tag}.partial`` to ``{tag}`` and point ``latest`` at it (rank 0 only)."""
+    final_dir = os.path.join(save_dir, tag)
+    old_dir = final_dir + ".old"
+    if os.path.exists(final_dir):  # re-saving an iteration: move the old copy aside first
+        shutil.rmtree(old_dir, ignore_errors=True)
+        os.replace(final_dir, old_dir)
+    os.replace(final_dir + PARTIAL_SUFFIX, final_dir)
+    mf.fsync_path(save_dir)
+    mf.atomic_write_text(os.path.join(save_dir, "latest"), tag)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def read_latest(load_dir: str) -> str | None:
+    path = os.path.join(load_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def list_tags(save_dir: str) -> list[tuple[int, str]]:
+    """Complete-looking ``global_step{N}`` directories of ``save_dir`` as (N, tag), oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    out = []
+    for name in os.listdir(save_dir):
+        m = TAG_RE.match(name)
+        if m and os.path.isdir(os.path.join(save_dir, name)):
+            out.append((int(m.group(1)), name))
+    return sorted(out)
+
+
+def prune(save_dir: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    """Delete all but the newest ``keep`` tags, never the one ``latest`` names nor ``protect``."""
+    if keep is None or keep < 1:
+        return []
+    latest = read_latest(save_dir)
+    tags = [t for _, t in list_tags(save_dir)]
+    removed = []
+    for tag in tags[:-keep]:
+        if tag == latest or tag in protect:
+            continue
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+        removed.append(tag)
+    return removed
+
+
+def resolve(load: str) -> tuple[str, str] | None:
+    """``(load_dir, tag)`` for a ``load`` value: a directory with ``latest`` or a tag directory itself."""
+    load = os.path.abspath(load.rstrip("/"))
+    if TAG_RE.match(os.path.basename(load)) and os.path.isdir(load):
+        return os.path.dirname(load), os.path.basename(load)
+    if not os.path.isdir(load):
+        return None
+    tag = read_latest(load)
+    if tag is None:
+        if list_tags(load):
+            log.warning("%s: has global_step directories but no 'latest' file; pass one of them as load",
+                        load)
+        return None
+    if not os.path.isdir(os.path.join(load, tag)):
+        raise CheckpointError(f"{os.path.join(load, 'latest')}: names {tag!r}, but {os.path.join(load, tag)} "
+                              "does not exist")
+    return load, tag
+
+
+def verify_shared(tag_dir: str, checksums: bool = True) -> dict[str, Any] | None:
+    """Check ``tag_dir`` against its manifest, the work split over ranks; raise on any problem."""
+    manifest = mf.read_manifest(tag_dir)
+    if manifest is None:
+        return None
+    files = sorted(manifest["files"])
+    mine = files[_rank()::_world()]
+    problems = sorted(p for part in _all_gather(mf.verify_files(tag_dir, manifest, mine, checksums=checksums))
+                      for p in part)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+    return manifest
+
+
+_SHAPE_RE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
+                       r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))")
+
+
+def _ds_load(engine: Any, load_dir: str, tag: str, **kw: Any) -> dict[str, Any]:
+    """``engine.load_checkpoint`` with torch's shape errors turned into one-line CheckpointErrors."""
+    try:
+        path, client = engine.load_checkpoint(load_dir, tag=tag, **kw)
+    except RuntimeError as err:
+        m = _SHAPE_RE.search(str(err))
+        if m:
+            raise CheckpointError(f"{os.path.join(load_dir, tag)}: tensor {m.group(1)} has shape {m.group(2)[11:-1]} "
+                                  f"in the checkpoint but {m.group(3)[11:-1]} in the model") from err
+        if "Missing key(s)" in str(err) or "Unexpected key(s)" in str(err):
+            first = " ".join(str(err).split())[:400]
+            raise CheckpointError(f"{os.path.join(load_dir, tag)}: model and checkpoint differ: {first}") from err
+        raise
+    if path is None:
+        raise CheckpointError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no model states file for this rank")
+    return client or {}
+
+
+def _needs_module_only(engine: Any, manifest: dict[str, Any] | None) -> str | None:
+    """Why the optimizer state cannot be loaded into ``engine`` (None: it can)."""
+    if manifest is None or "layout" not in manifest:
+        return None
+    saved, now = manifest["layout"], engine_layout(engine)
+    if saved.get("zero_stage") != now["zero_stage"]:
+        return f"ZeRO stage {saved.get('zero_stage')} in the checkpoint, {now['zero_stage']} now"
+    if now["zero_stage"] > 0 and saved.get("data_parallel_size") != now["data_parallel_size"]:
+        return (f"ZeRO-partitioned optimizer state saved at data-parallel size {saved.get('data_parallel_size')}, "
+                f"loading at {now['data_parallel_size']}")
+    return None
+
+
+def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, load_optimizer: bool = True,
+         load_rng: bool = True, checksums: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Load ``{load_dir}/{tag}`` into ``engine`` (a collective).
+
+    Returns ``(client_state, manifest)``; client_state is what ``save`` was given, or None for a
+    weights-only load (``module_only``) or a checkpoint not written by neox.
+    """
+    tag_dir = os.path.join(load_dir, tag)
+    manifest = verify_shared(tag_dir, checksums=checksums)
+    if module_only:
+        _ds_load(engine, load_dir, tag, load_module_only=True, load_optimizer_states=False,
+                 load_lr_scheduler_states=False)
+        return None, manifest
+    reason = _needs_module_only(engine, manifest) if load_optimizer else None
+    if reason is not None:
+        client = _load_without_optimizer(engine, load_dir, tag, reason)
+    else:
+        client = _ds_load(engine, load_dir, tag, load_optimizer_states=load_optimizer)
+    if load_rng:
+        _restore_rng(tag_dir, manifest)
+    return client.get(CLIENT_KEY), manifest
+
+
+def _load_without_optimizer(engine: Any, load_dir: str, tag: str, reason: str) -> dict[str, Any]:
+    """Weights, LR schedule and step count, with a fresh optimizer (its state could not be resharded)."""
+    if _rank() == 0:
+        log.warning("%s: %s; DeepSpeed cannot reshard that optimizer state, so the weights, LR schedule "
+                    "and iteration are loaded and the optimizer starts fresh (moments reset)",
+                    os.path.join(load_dir, tag), reason)
+    client = _ds_load(engine, load_dir, tag, load_module_only=True, load_optimizer_states=False,
+                      load_lr_scheduler_states=False)
+    if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
+    for key in ("global_steps", "global_samples", "skipped_steps"):
+        if key in client:
+            setattr(engine, key, client[key])
+    return client
+
+
+def _restore_rng(tag_dir: str, manifest: dict[str, Any] | None) -> None:
+    saved_world = (manifest or {}).get("layout", {}).get("world_size")
+    if saved_world is not None and saved_world != _world():
+        if _rank() == 0:
+            log.warning("%s: saved with %d ranks, loading with %d: RNG states not restored", tag_dir,
+                        saved_world, _world())
+        return
+    if not load_rng_state(tag_dir, _rank()) and _rank() == 0:
+        log.warning("%s: no rng_state_rank*.pt files (not a neox checkpoint?): RNG states not restored", tag_dir)
+
+
+def check_validation_loss(tag_dir: str, saved: float | None, now: float) -> None:
+    """Raise CheckpointError when the recomputed fixed-batch loss differs from the saved one."""
+    if saved is None:
+        return
+    if not math.isclose(saved, now, rel_tol=_VALIDATION_RTOL, abs_tol=1e-6):
+        raise CheckpointError(f"{tag_dir}: checkpoint_validation_with_forward_pass: loss of the fixed batch was "
+                              f"{saved!r} at save, {now!r} after load")
+

@@ -1,0 +1,228 @@
+"""Checkpoint save/load through a real DeepSpeed engine wrapping a toy model (one gloo rank).
+
+The reference for "exact resume" is the same toy run without interruption; the toy draws its
+batches from Python's and NumPy's RNGs and uses dropout (torch RNG), so a resume that forgot any
+of them, the optimizer moments or the LR schedule would give different losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from neox.checkpoint import load_checkpoint, local, save_checkpoint
+from neox.checkpoint import manifest as mf
+from neox.config.run import CheckpointConfig
+from neox.errors import CheckpointError
+from neox.training.state import TrainState
+
+# ---- toy run (also used by tests/distributed/test_checkpoint*.py) ----------------------------
+
+
+@dataclass(frozen=True)
+class ToyArgs:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        return {"save": self.checkpoint.save, "wandb_api_key": "sekrit", "tokenizer_type": "GPT2BPETokenizer"}
+
+
+def init_single_rank() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    from tests.distributed.launch import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def toy_engine(seed: int = 0, zero: int = 0, width: int = 8, dp: int = 1):
+    """A DeepSpeed engine around a 2-layer MLP with dropout, AdamW and a decaying LR schedule."""
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Dropout(0.2), torch.nn.Linear(width, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.3 * s))
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4 * dp,
+           "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    return engine
+
+
+def toy_step(engine) -> float:
+    """One training step on a batch drawn from Python's, NumPy's and torch's RNGs."""
+    scale = random.random()
+    x = torch.from_numpy(np.random.rand(4, 4).astype(np.float32)) * scale + torch.randn(4, 4)
+    loss = (engine(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def toy_run(engine, state: TrainState, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        losses.append(toy_step(engine))
+        state.iteration += 1
+        state.consumed_train_samples += 4
+    return losses
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fixed_batch_loss(engine) -> float:
+    engine.eval()
+    with torch.no_grad():
+        x = torch.arange(16, dtype=torch.float32).reshape(4, 4) / 16
+        loss = engine(x).pow(2).mean().item()
+    engine.train()
+    return loss
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dist():
+    init_single_rank()
+    yield
+
+
+def _args(tmp_path, **kw) -> ToyArgs:
+    return ToyArgs(CheckpointConfig(save=str(tmp_path / "ckpt"), load=str(tmp_path / "ckpt"), **kw))
+
+
+def test_exact_resume_and_layout(tmp_path):
+    args = _args(tmp_path, checkpoint_validation_with_forward_pass=True)
+    seed_all(1)
+    ref = toy_run(toy_engine(seed=0), TrainState(), 6)
+
+    seed_all(1)
+    engine, state = toy_engine(seed=0), TrainState()
+    first = toy_run(engine, state, 3)
+    tag_dir = save_checkpoint(engine, args, state, state.iteration, validation_fn=lambda: fixed_batch_loss(engine))
+    expected_vloss = fixed_batch_loss(engine)
+    seed_all(99)  # scramble every RNG: the load must put them back
+    engine2 = toy_engine(seed=7)
+    loaded = load_checkpoint(engine2, args, validation_fn=lambda: fixed_batch_loss(engine2))
+    assert loaded == TrainState(iteration=3, consumed_train_samples=12)
+    rest = toy_run(engine2, loaded, 3)
+    assert first + rest == ref  # bitwise: fp32 on CPU
+
+    # layout: DeepSpeed's files, our RNG file, args without secrets, manifest, latest
+    assert tag_dir == os.path.join(args.checkpoint.save, "global_step3")
+    with open(os.path.join(args.checkpoint.save, "latest")) as f:
+        assert f.read() == "global_step3"
+    names = sorted(os.listdir(tag_dir))
+    assert names == ["manifest.json", "mp_rank_00_model_states.pt", "neox_args.json", "rng_state_rank0.pt"]
+    saved_args = json.load(open(os.path.join(tag_dir, "neox_args.json")))
+    assert saved_args["wandb_api_key"] == "<redacted>" and saved_args["tokenizer_type"] == "GPT2BPETokenizer"
+    man = mf.read_manifest(tag_dir)
+    assert man["iteration"] == 3 and man["layout"]["data_parallel_size"] == 1
+    assert man["validation_loss"] == expected_vloss
+    for rel, entry in man["files"].items():  # sizes and checksums recomputed independently
+        data = open(os.path.join(tag_dir, rel), "rb").read()
+        assert entry["size"] == len(data)
+    assert not os.path.exists(tag_dir + local.PARTIAL_SUFFIX)
+
+
+def test_manifest_detects_corruption_and_validation_mismatch(tmp_path):
+    args = _args(tmp_path, checkpoint_validation_with_forward_pass=True)
+    seed_all(2)
+    engine, state = toy_engine(), TrainState()
+    toy_run(engine, state, 1)
+    tag_dir = save_checkpoint(engine, args, state, 1, validation_fn=lambda: fixed_batch_loss(engine))
+    # a fixed-batch loss that differs after load is reported with both values
+    engine2 = toy_engine(seed=5)
+    with pytest.raises(CheckpointError, match=r"loss of the fixed batch was .* at save, 123.0 after load"):
+        load_checkpoint(engine2, args, validation_fn=lambda: 123.0)
+    # flip one byte (same size): the checksum names the file
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    blob = bytearray(open(path, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: xxh3_128 checksum|blake2b checksum"):
+        load_checkpoint(toy_engine(), args)
+    os.remove(path)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: missing"):
+        load_checkpoint(toy_engine(), args)
+
+
+def test_finetune_loads_weights_only(tmp_path):
+    args = _args(tmp_path)
+    seed_all(3)
+    engine, state = toy_engine(seed=0), TrainState()
+    toy_run(engine, state, 3)
+    save_checkpoint(engine, args, state, 3)
+    fresh = toy_engine(seed=11)
+    ft = _args(tmp_path, finetune=True)
+    loaded = load_checkpoint(fresh, ft)
+    assert loaded == TrainState()
+    for a, b in zip(engine.module.parameters(), fresh.module.parameters()):
+        assert torch.equal(a, b)
+    assert fresh.optimizer.state_dict()["state"] == {}  # fresh moments
+    assert fresh.global_steps == 0 and fresh.lr_scheduler.last_epoch == 0
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    args = _args(tmp_path)
+    engine = toy_engine(width=8)
+    save_checkpoint(engine, args, TrainState(iteration=1), 1)
+    with pytest.raises(CheckpointError, match=r"tensor 0\.weight has shape \[8, 4\] in the checkpoint but \[6, 4\]"):
+        load_checkpoint(toy_engine(width=6), args)
+
+
+def test_keep_last_n_and_chosen_iteration(tmp_path):
+    args = _args(tmp_path, keep_last_n_checkpoints=2)
+    engine, state = toy_engine(), TrainState()
+    for it in (1, 2, 3, 4):
+        state.iteration = it
+        save_checkpoint(engine, args, state, it)
+    assert [t for _, t in local.list_tags(args.checkpoint.save)] == ["global_step3", "global_step4"]
+    # load a chosen iteration by naming its directory
+    pick = ToyArgs(CheckpointConfig(load=os.path.join(args.checkpoint.save, "global_step3")))
+    assert load_checkpoint(toy_engine(), pick).iteration == 3
+    # nothing to load
+    assert load_checkpoint(toy_engine(), ToyArgs(CheckpointConfig(load=str(tmp_path / "none")))) is None
+
+
+def test_zero_stage_change_keeps_weights_and_schedule(tmp_path, caplog):
+    args = _args(tmp_path)
+    seed_all(4)
+    engine, state = toy_engine(zero=0), TrainState()
+    toy_run(engine, state, 2)
+    save_checkpoint(engine, args, state, 2)
+    other = toy_engine(seed=3, zero=1)
+    with caplog.at_level("WARNING"):
+        loaded = load_checkpoint(other, args)
+    assert "ZeRO stage 0 in the checkpoint, 1 now" in caplog.text
+    assert loaded.iteration == 2 and other.global_steps == 2
+    assert other.lr_scheduler.last_epoch == engine.lr_scheduler.last_epoch
+    for a, b in zip(engine.module.parameters(), other.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_redact_and_atomic_write(tmp_path):
+    flat = {"wandb_api_key": "x", "s3_path": "s3://u:p@bucket/x", "tokenizer_type": "HF", "token_x": None}
+    out = local.redact(flat)
+    assert out == {"wandb_api_key": "<redacted>", "s3_path": "s3://<redacted>@bucket/x", "tokenizer_type": "HF",
+                   "token_x": None}
+    p = tmp_path / "latest"
+    mf.atomic_write_text(str(p), "global_step1")
+    mf.atomic_write_text(str(p), "global_step2")
+    assert p.read_text() == "global_step2" and os.listdir(tmp_path) == ["latest"]
