@@ -1,0 +1,85 @@
+"""Change the tensor- and pipeline-parallel layout of a neox checkpoint.
+
+    python tools/reshard_checkpoint.py --input_dir checkpoints/run --config_file configs/run.yml \
+        --output_dir checkpoints/run_tp1 --num_output_shards 1 --pipe_parallel_size 0
+
+Weights are unsharded tensor by tensor (memory-mapped) and written in the new layout, keeping the
+step tag. Optimizer state is not carried over: DeepSpeed's ZeRO shards are flat per data-parallel
+rank and tied to the old partitioning (see docs/conversion.md); resume the new layout with
+``finetune: true`` (weights only), or use DeepSpeed's universal checkpoints for optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neox.checkpoint import keys  # noqa: E402
+from neox.errors import NeoXError, format_error  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def reshard(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp: int,
+            dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+    """Rewrite the weights of ``input_dir`` with ``tp`` TP shards in the plain (pp=0) or pipeline layout."""
+    tag_dir = keys.resolve_tag_dir(input_dir)
+    full = keys.read_full_weights(tag_dir, cfg)
+    full, cfg = repad_vocab(full, cfg, tp)
+    step = int(tag_dir.name[len("global_step"):]) if tag_dir.name.startswith("global_step") else 0
+    optim = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
+    if optim and progress:
+        print(f"note: {len(optim)} optimizer file(s) in {tag_dir} are not resharded; resume with finetune: true")
+    return keys.write_weights(full, cfg, output_dir, tp, pp, tag=tag_dir.name, dtype=dtype, iteration=step,
+                              progress=progress)
+
+
+def repad_vocab(full: Mapping[str, torch.Tensor], cfg: Any, tp: int) -> tuple[Mapping[str, torch.Tensor], Any]:
+    """Keep the checkpoint's vocabulary rows, padded further only if they do not divide by ``tp``."""
+    rows = full["embedding.word_embeddings.weight"].shape[0]
+    multiple = cfg.make_vocab_size_divisible_by * tp
+    padded = rows if rows % tp == 0 else -(-rows // multiple) * multiple
+    cfg = dataclasses.replace(cfg, padded_vocab_size=padded)
+    if padded == rows:
+        return full, cfg
+    vocab_names = ("embedding.word_embeddings.weight", "output_layer.weight")
+    makers = {n: (lambda n=n: keys.pad_vocab(full[n], padded) if n in vocab_names else full[n]) for n in full}
+    return keys.LazyWeights(makers), cfg
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input_dir", required=True, help="checkpoint folder (with latest) or a tag folder")
+    p.add_argument("--config_file", required=True, nargs="+", help="neox YAML config(s) of the model")
+    p.add_argument("--output_dir", required=True, help="checkpoint folder to write")
+    p.add_argument("--num_output_shards", type=int, required=True, help="new tensor-parallel size")
+    p.add_argument("--pipe_parallel_size", type=int, default=0,
+                   help="0: plain mp_rank files; >=1: pipeline layer files (any number of stages loads them)")
+    p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="output dtype (default: as stored)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        from neox.config.args import NeoXArgs
+
+        args = NeoXArgs.from_ymls(a.config_file)
+        reshard(a.input_dir, args.model, a.output_dir, a.num_output_shards, a.pipe_parallel_size,
+                DTYPES.get(a.precision or ""))
+    except NeoXError as err:
+        print(format_error(err), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
