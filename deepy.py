@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Launch a neox run from GPT-NeoX YAML configs.
+
+    python deepy.py [--dry-run] USER_SCRIPT [-d CONF_DIR] CONF [CONF ...]
+
+Resolves the configs (merge, derive, validate) and starts the ranks through DeepSpeed's runner, or
+srun for ``launcher: slurm`` with ``deepspeed_slurm: true``. ``--dry-run`` prints one JSON object
+(the resolved arguments, the DeepSpeed config and the launch command) and launches nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from neox.errors import NeoXError, format_error
+
+
+def parse_cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="deepy.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and launch command, run nothing")
+    parser.add_argument("user_script", help="the script every rank runs, e.g. train.py")
+    parser.add_argument("-d", "--conf_dir", default=None, help="directory the config paths are relative to")
+    parser.add_argument("conf_file", nargs="+", help="NeoX YAML config files, merged left to right")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parse_cli(sys.argv[1:] if argv is None else argv)
+    from neox.config import NeoXArgs
+    from neox.launcher import build_launch_command, launch
+
+    args = NeoXArgs.from_ymls(cli.conf_file, conf_dir=cli.conf_dir)
+    if cli.dry_run:
+        report = {
+            "args": args.to_flat(),
+            "deepspeed_config": args.deepspeed_config(),
+            "launch_command": build_launch_command(args, cli.user_script),
+        }
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    return launch(args, cli.user_script)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NeoXError as err:
+        if os.environ.get("NEOX_DEBUG") == "1":
+            raise
+        print(format_error(err), file=sys.stderr)
+        sys.exit(err.exit_code)

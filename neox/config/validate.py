@@ -1,0 +1,198 @@
+"""Cross-field rules, one small function each, run in order on the derived config.
+
+Each rule raises ``derive.key_error(keys, message)``; NeoXArgs adds the file that set the first key.
+Single-field types and enum values are checked earlier, when values are coerced to their field types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from neox.config.derive import key_error
+
+if TYPE_CHECKING:
+    from neox.config.args import NeoXArgs
+
+ATTENTION_TYPES = ("global", "flash")
+ACTIVATIONS = ("gelu", "relu", "silu")
+LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
+
+
+def required_shape(a: NeoXArgs) -> None:
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings"):
+        value = getattr(a.model, key)
+        if value is None or value <= 0:
+            raise key_error(key, f"expected a positive integer, got {value!r}")
+
+
+def hidden_divisible_by_heads(a: NeoXArgs) -> None:
+    m = a.model
+    if m.hidden_size % m.num_attention_heads:
+        raise key_error(
+            ("hidden_size", "num_attention_heads"),
+            f"hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}",
+        )
+
+
+def heads_divisible_by_kv_heads(a: NeoXArgs) -> None:
+    m = a.model
+    if m.num_kv_heads <= 0 or m.num_kv_heads > m.num_attention_heads or m.num_attention_heads % m.num_kv_heads:
+        raise key_error(
+            ("num_kv_heads", "num_attention_heads"),
+            f"num_attention_heads {m.num_attention_heads} is not divisible by num_kv_heads {m.num_kv_heads}",
+        )
+
+
+def heads_divisible_by_model_parallel(a: NeoXArgs) -> None:
+    mp = a.parallel.model_parallel_size
+    for key in ("num_attention_heads", "num_kv_heads"):
+        if getattr(a.model, key) % mp:
+            raise key_error(
+                (key, "model_parallel_size"),
+                f"{key} {getattr(a.model, key)} is not divisible by model_parallel_size {mp}",
+            )
+
+
+def mlp_divisible_by_model_parallel(a: NeoXArgs) -> None:
+    mp = a.parallel.model_parallel_size
+    if a.model.intermediate_size % mp:
+        raise key_error(
+            ("intermediate_size", "model_parallel_size"),
+            f"intermediate_size {a.model.intermediate_size} is not divisible by model_parallel_size {mp}",
+        )
+
+
+def vocab_divisible_by_model_parallel(a: NeoXArgs) -> None:
+    v, mp = a.model.padded_vocab_size, a.parallel.model_parallel_size
+    if v is not None and (v <= 0 or v % mp):
+        raise key_error(("padded_vocab_size", "model_parallel_size"), f"{v} is not a positive multiple of model_parallel_size {mp}")
+
+
+def parallel_sizes_positive(a: NeoXArgs) -> None:
+    p = a.parallel
+    if p.model_parallel_size < 1:
+        raise key_error("model_parallel_size", f"expected an integer >= 1, got {p.model_parallel_size}")
+    if p.pipe_parallel_size < 0:
+        raise key_error("pipe_parallel_size", f"expected an integer >= 0, got {p.pipe_parallel_size}")
+
+
+def pipeline_stages_fit_layers(a: NeoXArgs) -> None:
+    if a.parallel.pipe_parallel_size > a.model.num_layers:
+        raise key_error(
+            ("pipe_parallel_size", "num_layers"),
+            f"{a.parallel.pipe_parallel_size} pipeline stages but only {a.model.num_layers} layers",
+        )
+
+
+def pipeline_with_zero_stage(a: NeoXArgs) -> None:
+    stage = int(a.optim.zero_optimization.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise key_error("zero_optimization", f"stage must be 0, 1, 2 or 3, got {stage}")
+    if a.parallel.pipe_parallel_size >= 2 and stage >= 2:
+        raise key_error(
+            ("zero_optimization", "pipe_parallel_size"),
+            f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1, got stage {stage} with {a.parallel.pipe_parallel_size} stages",
+        )
+
+
+def sequence_fits_positions(a: NeoXArgs) -> None:
+    m = a.model
+    if m.pos_emb == "learned" and m.seq_length > m.max_position_embeddings:
+        raise key_error(
+            ("seq_length", "max_position_embeddings"),
+            f"seq_length {m.seq_length} exceeds max_position_embeddings {m.max_position_embeddings}",
+        )
+
+
+def rotary_dims(a: NeoXArgs) -> None:
+    m = a.model
+    if not 0.0 < m.rotary_pct <= 1.0:
+        raise key_error("rotary_pct", f"expected a fraction in (0, 1], got {m.rotary_pct}")
+    if m.pos_emb == "rotary" and int(m.hidden_size // m.num_attention_heads * m.rotary_pct) % 2:
+        raise key_error("rotary_pct", "the rotated part of each head must have an even number of dimensions")
+
+
+def known_attention_types(a: NeoXArgs) -> None:
+    for kind in set(a.model.attention_config):
+        if kind not in ATTENTION_TYPES:
+            raise key_error("attention_config", f"attention type {kind!r} is not supported (expected one of {ATTENTION_TYPES})")
+
+
+def known_activation(a: NeoXArgs) -> None:
+    if a.model.activation not in ACTIVATIONS:
+        raise key_error("activation", f"{a.model.activation!r} is not supported (expected gelu, relu, silu/swish, or swiglu/geglu/reglu)")
+
+
+def dropout_probabilities(a: NeoXArgs) -> None:
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(a.model, key) < 1.0:
+            raise key_error(key, f"expected a probability in [0, 1), got {getattr(a.model, key)}")
+
+
+def one_half_precision(a: NeoXArgs) -> None:
+    p = a.precision
+    fp16, bf16 = bool(p.fp16.get("enabled")), bool(p.bf16.get("enabled"))
+    if fp16 and bf16:
+        raise key_error(("fp16", "bf16"), "fp16 and bf16 are both enabled; enable one")
+    expected = "fp16" if fp16 else "bfloat16" if bf16 else "fp32"
+    if p.precision != expected:
+        raise key_error(("precision", "fp16", "bf16"), f"precision is {p.precision!r} but the fp16/bf16 blocks say {expected!r}")
+
+
+def mixture_weights_match_paths(a: NeoXArgs) -> None:
+    d = a.data
+    for split in ("train", "valid", "test"):
+        paths, weights = getattr(d, f"{split}_data_paths"), getattr(d, f"{split}_data_weights")
+        if weights and len(weights) != len(paths):
+            raise key_error(
+                f"{split}_data_weights", f"{len(weights)} weights for {len(paths)} {split}_data_paths"
+            )
+        if any(w < 0 for w in weights):
+            raise key_error(f"{split}_data_weights", "weights must be >= 0")
+
+
+def positive_counts(a: NeoXArgs) -> None:
+    checks = {
+        "checkpoint_num_layers": a.model.checkpoint_num_layers,
+        "log_interval": a.logging.log_interval,
+        "eval_interval": a.training.eval_interval,
+        "train_iters": a.training.train_iters,
+        "checkpoint_factor": a.checkpoint.checkpoint_factor,
+    }
+    for key, value in checks.items():
+        if value is not None and value <= 0:
+            raise key_error(key, f"expected a positive integer, got {value}")
+
+
+def known_launcher(a: NeoXArgs) -> None:
+    if a.launcher.launcher.lower() not in LAUNCHERS:
+        raise key_error("launcher", f"{a.launcher.launcher!r} is not one of {LAUNCHERS}")
+
+
+RULES: list[Callable[[NeoXArgs], None]] = [
+    required_shape,
+    parallel_sizes_positive,
+    hidden_divisible_by_heads,
+    heads_divisible_by_kv_heads,
+    heads_divisible_by_model_parallel,
+    mlp_divisible_by_model_parallel,
+    vocab_divisible_by_model_parallel,
+    pipeline_stages_fit_layers,
+    pipeline_with_zero_stage,
+    sequence_fits_positions,
+    rotary_dims,
+    known_attention_types,
+    known_activation,
+    dropout_probabilities,
+    one_half_precision,
+    mixture_weights_match_paths,
+    positive_counts,
+    known_launcher,
+]
+
+
+def validate(args: NeoXArgs) -> None:
+    """Run every rule; the first broken one raises a ConfigError."""
+    for rule in RULES:
+        rule(args)

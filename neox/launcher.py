@@ -1,0 +1,267 @@
+"""Builds and runs the command that starts the ranks: DeepSpeed's runner (local or hostfile) or srun.
+
+Never imports torch: deepy.py resolves and launches in a light process. Each rank gets the resolved
+flat config as ``--neox_args <base64 JSON>`` (NeoX passes ``--megatron_config`` the same way) and
+rebuilds it with ``NeoXArgs.from_launcher()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import netrc
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from neox.errors import ConfigError
+
+if TYPE_CHECKING:
+    from neox.config.args import NeoXArgs
+
+ARGS_FLAG = "--neox_args"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- the config on the command line ----------------------------------------------------------
+
+
+def encode_config(flat: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(flat, sort_keys=True).encode()).decode()
+
+
+def decode_config(encoded: str) -> dict[str, Any]:
+    try:
+        return json.loads(base64.urlsafe_b64decode(encoded.encode()).decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{ARGS_FLAG}: not a config encoded by neox.launcher ({err})") from err
+
+
+# ---- how many ranks ---------------------------------------------------------------------------
+
+
+def detect_local_gpus(environ: Mapping[str, str] | None = None) -> int:
+    """GPUs visible on this machine, without importing torch."""
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def parse_hostfile(path: str) -> dict[str, int]:
+    """DeepSpeed hostfile ('host slots=N' per line, # comments) -> {host: slots}; {} if unreadable."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
+        if not match:
+            raise ConfigError(f"{path}: line {number}: expected 'hostname slots=N', got {line!r}")
+        hosts[match.group(1)] = int(match.group(2))
+    return hosts
+
+
+def _parse_spec(spec: str) -> dict[str, list[int] | None]:
+    """DeepSpeed's NAME[:SLOT[,SLOT...]][@NAME...] -> {host: slots or None (all)}."""
+    out: dict[str, list[int] | None] = {}
+    for node in filter(None, spec.split("@")):
+        host, _, slots = node.partition(":")
+        out[host] = [int(s) for s in slots.split(",")] if slots else None
+    return out
+
+
+def filter_hosts(pool: dict[str, int], include: str | None, exclude: str | None) -> dict[str, list[int]]:
+    """Apply --include / --exclude to {host: slots} -> {host: [slot ids]} (DeepSpeed's semantics)."""
+    active = {host: list(range(n)) for host, n in pool.items()}
+    if include:
+        wanted = _parse_spec(include)
+        active = {h: (sorted(s) if s is not None else active[h]) for h, s in wanted.items() if h in active}
+    if exclude:
+        for host, slots in _parse_spec(exclude).items():
+            if host in active:
+                active[host] = [] if slots is None else [s for s in active[host] if s not in slots]
+    return {h: s for h, s in active.items() if s}
+
+
+def planned_world_size(flat: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> tuple[int, str | None]:
+    """(ranks the launcher will start, a note when it had to assume), from the launcher keys."""
+    environ = os.environ if environ is None else environ
+    num_gpus, num_nodes = flat.get("num_gpus"), flat.get("num_nodes", -1)
+    per_node = num_gpus if num_gpus and num_gpus > 0 else None
+    if flat.get("hostfile") and not flat.get("deepspeed_slurm"):
+        hosts = filter_hosts(parse_hostfile(flat["hostfile"]), flat.get("include"), flat.get("exclude"))
+        if hosts:
+            chosen = list(hosts.values())[: num_nodes if num_nodes and num_nodes > 0 else None]
+            return sum(min(len(s), per_node or len(s)) for s in chosen), None
+    nodes = num_nodes if num_nodes and num_nodes > 0 else int(environ.get("SLURM_NNODES", 1) or 1)
+    if per_node is None:
+        per_node = detect_local_gpus(environ) or int(environ.get("SLURM_GPUS_ON_NODE", 0) or 0)
+    if per_node:
+        return per_node * nodes, None
+    model_ranks = int(flat.get("model_parallel_size") or 1) * max(int(flat.get("pipe_parallel_size") or 0), 1)
+    world = max(model_ranks, nodes)
+    note = None
+    if world > 1:
+        note = f"no GPUs detected and num_gpus not set: planning {world} ranks (model_parallel_size x pipeline stages)"
+    return world, note
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _runner_flags(args: NeoXArgs) -> list[str]:
+    la = args.launcher
+    flags = ["--master_port", str(la.master_port)]
+    if la.master_addr:
+        flags += ["--master_addr", la.master_addr]
+    if la.hostfile:
+        flags += ["--hostfile", la.hostfile]
+    if la.include or la.exclude:  # DeepSpeed refuses them together with --num_gpus / --num_nodes
+        flags += ["--include", la.include] if la.include else []
+        flags += ["--exclude", la.exclude] if la.exclude else []
+    else:
+        if la.num_nodes and la.num_nodes > 0:
+            flags += ["--num_nodes", str(la.num_nodes)]
+        if la.num_gpus and la.num_gpus > 0:
+            flags += ["--num_gpus", str(la.num_gpus)]
+        elif not la.hostfile and detect_local_gpus() == 0:
+            # CPU ranks: the DeepSpeed runner starts as many as --num_gpus says
+            flags += ["--num_gpus", str(args.parallel.world_size)]
+    if la.hostfile:
+        flags += ["--launcher", la.launcher]
+    if args.compat.get("no_ssh_check"):
+        flags += ["--no_ssh_check"]
+    if la.comment:
+        flags += ["--comment", la.comment]
+    return flags
+
+
+def srun_command(args: NeoXArgs, python: str, user_script: str, rank_args: list[str]) -> list[str]:
+    """srun starting one task per GPU; ranks map SLURM_* to RANK/WORLD_SIZE in from_launcher."""
+    la, world = args.launcher, args.parallel.world_size
+    cmd = ["srun", f"--ntasks={world}"]
+    if la.num_nodes and la.num_nodes > 0:
+        cmd += [f"--nodes={la.num_nodes}", f"--ntasks-per-node={world // la.num_nodes}"]
+    if la.include:
+        cmd += [f"--nodelist={la.include}"]
+    if la.exclude:
+        cmd += [f"--exclude={la.exclude}"]
+    if la.comment:
+        cmd += [f"--comment={la.comment}"]
+    if la.account:
+        cmd += [f"--account={la.account}"]
+    return cmd + ["--export=ALL", python, "-u", user_script] + rank_args
+
+
+def build_launch_command(
+    args: NeoXArgs, user_script: str, user_args: list[str] | None = None, python: str | None = None
+) -> list[str]:
+    """The full command line deepy.py runs (and --dry-run prints). Contains no secrets."""
+    python = python or sys.executable
+    rank_args = [ARGS_FLAG, encode_config(args.to_flat())] + list(user_args or [])
+    if args.launcher.deepspeed_slurm and args.launcher.launcher.lower() == "slurm":
+        return srun_command(args, python, user_script, rank_args)
+    return [python, "-m", "deepspeed.launcher.runner", *_runner_flags(args), user_script, *rank_args]
+
+
+# ---- environment ----------------------------------------------------------------------------
+
+
+def wandb_api_key(environ: Mapping[str, str], host: str = "https://api.wandb.ai") -> str | None:
+    """The W&B key from WANDB_API_KEY or ~/.netrc (as `wandb login` writes it)."""
+    if environ.get("WANDB_API_KEY"):
+        return environ["WANDB_API_KEY"]
+    netrc_path = Path(environ.get("NETRC", Path(environ.get("HOME", "~")).expanduser() / ".netrc"))
+    try:
+        entry = netrc.netrc(str(netrc_path)).authenticators(urlparse(host).hostname or host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry else None
+
+
+def launch_env(args: NeoXArgs, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment the ranks start with: this one, plus the W&B key, the repo on PYTHONPATH,
+    and the CPU accelerator where there is no GPU."""
+    env = dict(os.environ if environ is None else environ)
+    key = wandb_api_key(env, args.logging.wandb_host)
+    if key:
+        env["WANDB_API_KEY"] = key
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    if detect_local_gpus(env) == 0 and not args.launcher.hostfile:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def _export_file(env: dict[str, str], names: list[str]) -> str:
+    """A private DeepSpeed env file exporting ``names`` to remote nodes (with the user's own entries)."""
+    lines: list[str] = []
+    for candidate in (env.get("DS_ENV_FILE"), ".deepspeed_env", str(Path.home() / ".deepspeed_env")):
+        if candidate and Path(candidate).is_file():
+            lines += [ln for ln in Path(candidate).read_text().splitlines() if "=" in ln]
+            break
+    lines += [f"{n}={env[n]}" for n in names if n in env]
+    fd, path = tempfile.mkstemp(prefix="neox-ds-env-")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def launch(args: NeoXArgs, user_script: str, user_args: list[str] | None = None) -> int:
+    """Start the ranks and wait; returns the exit code."""
+    cmd = build_launch_command(args, user_script, user_args)
+    env = launch_env(args)
+    env_file = None
+    if args.launcher.hostfile and "WANDB_API_KEY" in env:
+        env_file = env["DS_ENV_FILE"] = _export_file(env, ["WANDB_API_KEY"])
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    except FileNotFoundError as err:
+        raise ConfigError(f"launcher: cannot run {cmd[0]!r} ({err.strerror})") from err
+    finally:
+        if env_file:
+            os.unlink(env_file)
+
+
+# ---- on the ranks ---------------------------------------------------------------------------
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+    return (match.group(1) + (match.group(2) or "")) if match else "127.0.0.1"
+
+
+def slurm_env_to_torch(environ: dict[str, str] | os._Environ, master_port: int) -> None:
+    """On an srun-started rank, set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* from SLURM's variables."""
+    if "SLURM_PROCID" not in environ or "RANK" in environ:
+        return
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    environ["WORLD_SIZE"] = environ.get("SLURM_NTASKS", "1")
+    environ.setdefault("MASTER_PORT", str(master_port))
+    if "MASTER_ADDR" not in environ:
+        environ["MASTER_ADDR"] = _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
