@@ -1,0 +1,131 @@
+"""Self-attention with grouped-query heads, rotary positions and backend dispatch.
+
+Fused QKV layout (docs/internals.md): the full weight is [q (nq*d); k (nkv*d); v (nkv*d)] by rows
+and each tensor-parallel shard is [its q heads; its k heads; its v heads].
+
+Backends: ``flash`` uses flash_attn when importable (CUDA, fp16/bf16), else SDPA, which picks its
+flash or cuDNN kernel on GPU; ``global`` uses SDPA with the default dispatch (math on CPU).
+Causal masking is ``is_causal`` on the fast path, never a materialised [s, s] mask.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, fork_model_parallel_rng
+from megatron_core.tensor_parallel.utils import group_world_size
+from neox.errors import ConfigError
+from neox.model.kv_cache import KVCache
+from neox.model.rotary import apply_rotary
+
+_BACKENDS = ("global", "flash")
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def num_kv_heads(cfg: Any) -> int:
+    if cfg.attention_type == "multiquery":
+        return 1
+    return cfg.num_kv_heads or cfg.num_attention_heads
+
+
+def layer_backend(cfg: Any, layer: int) -> str:
+    """Attention kind of ``layer`` from the expanded attention_config (global when empty)."""
+    kinds = list(cfg.attention_config or [])
+    kind = kinds[layer] if layer < len(kinds) else "global"
+    if kind not in _BACKENDS:
+        raise ConfigError(f"attention_config: layer {layer}: attention type {kind!r} is not supported; expected one of {_BACKENDS}")
+    return kind
+
+
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # optional dependency
+
+    # [b, s, heads, d]; GQA handled natively; causal is bottom-right aligned (KV cache safe).
+    return flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """q [b, nq, s, d], k/v [b, nkv, t, d] with t >= s (t > s when decoding with a cache)."""
+    if k.shape[1] != q.shape[1]:  # GQA: query head i uses kv head i // group
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s, t = q.shape[2], k.shape[2]
+    if s == t:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    if s == 1:  # one new token attends to everything cached
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    # A chunk after a cached prefix: bottom-right aligned causal mask (slow path, generation only).
+    mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(diagonal=t - s)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+class Attention(nn.Module):
+    """[b, s, h] -> [b, s, h]."""
+
+    def __init__(self, cfg: Any, layer: int, prefix: str, init: Any, *, sequence_parallel: bool = False,
+                 group: Any = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        h, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, num_kv_heads(cfg)
+        tp = group_world_size(group)
+        _check_heads(h, nq, nkv, tp)
+        self.layer, self.head_dim = layer, h // nq
+        self.nq, self.nkv = nq // tp, nkv // tp  # per rank
+        self.backend = layer_backend(cfg, layer)
+        self.dropout, self.tp = cfg.attention_dropout, tp
+        d = self.head_dim
+        bias = cfg.use_bias_in_attn_linear
+        kw = dict(sequence_parallel=sequence_parallel, group=group, device=device, dtype=dtype)
+        self.query_key_value = ColumnParallelLinear(
+            h, (nq + 2 * nkv) * d, bias=bias, sections=[nq * d, nkv * d, nkv * d],
+            init_method=init(prefix + "query_key_value.weight"), **kw,
+        )
+        self.dense = RowParallelLinear(nq * d, h, bias=bias, init_method=init(prefix + "dense.weight", output=True), **kw)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        qkv = self.query_key_value(x)  # [b, s, (nq + 2 nkv) d / tp]
+        b, s = qkv.shape[:2]
+        d = self.head_dim
+        q, k, v = qkv.split([self.nq * d, self.nkv * d, self.nkv * d], dim=-1)
+        q, k, v = q.view(b, s, self.nq, d), k.view(b, s, self.nkv, d), v.view(b, s, self.nkv, d)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        dropout = self.dropout if self.training else 0.0
+        if dropout > 0 and self.tp > 1:  # each rank drops its own heads: per-rank stream
+            with fork_model_parallel_rng():
+                out = self._attend(q, k, v, dropout, kv_cache)
+        else:
+            out = self._attend(q, k, v, dropout, kv_cache)
+        return self.dense(out.reshape(b, s, self.nq * d))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                kv_cache: KVCache | None) -> torch.Tensor:
+        """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d]."""
+        use_flash = (
+            self.backend == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+        )
+        if use_flash and kv_cache is None:
+            return _flash_attn(q, k, v, dropout)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        return _sdpa(q, k, v, dropout).transpose(1, 2)
+
+
+def _check_heads(h: int, nq: int, nkv: int, tp: int) -> None:
+    if h % nq:
+        raise ConfigError(f"hidden_size {h} is not divisible by num_attention_heads {nq}")
+    if nq % nkv:
+        raise ConfigError(f"num_attention_heads {nq} is not divisible by num_kv_heads {nkv}")
+    if nq % tp or nkv % tp:
+        raise ConfigError(
+            f"num_attention_heads {nq} and num_kv_heads {nkv} must both be divisible by model_parallel_size {tp}"
+        )

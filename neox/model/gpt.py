@@ -1,0 +1,144 @@
+"""GPTModel: embedding, transformer blocks, final norm and the (vocab-parallel) output layer.
+
+One module covers LLaMA (rmsnorm, SwiGLU, rotary, GQA, untied head) and classic GPT-NeoX
+(layernorm, GeLU, biases, gpt_j_residual, learned or partial rotary positions, tied embeddings);
+the config decides. Works in one process without torch.distributed (tensor parallel size 1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_core.tensor_parallel import (
+    ColumnParallelLinear,
+    checkpoint_context_fn,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron_core.tensor_parallel.utils import group_world_size
+from neox.errors import ConfigError
+from neox.model.attention import num_kv_heads
+from neox.model.embedding import Embedding
+from neox.model.init import ModelInit
+from neox.model.kv_cache import KVCache
+from neox.model.norms import build_norm
+from neox.model.rotary import rotary_cos_sin, rotary_dim
+from neox.model.transformer import TransformerBlock
+
+
+def check_model_config(cfg: Any) -> None:
+    """Raise ConfigError for settings this model does not implement."""
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{key}: expected a positive integer, got {getattr(cfg, key)!r}")
+    if cfg.output_layer_parallelism != "column":
+        raise ConfigError(f"output_layer_parallelism: only 'column' is implemented, got {cfg.output_layer_parallelism!r}")
+    if getattr(cfg, "sliding_window_width", None):
+        raise ConfigError("sliding_window_width: sliding-window attention is not implemented; remove the key")
+    if getattr(cfg, "use_qk_layernorm", False):
+        raise ConfigError("use_qk_layernorm: query/key layernorm is not implemented; set it to false")
+    if cfg.pos_emb == "rotary" and rotary_dim(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_pct) % 2:
+        raise ConfigError(f"rotary_pct: {cfg.rotary_pct} gives an odd number of rotary channels per head")
+
+
+def rotary_for(cfg: Any, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 cos/sin [b, s, rotary_dim] for ``position_ids``, or None without rotary embeddings."""
+    if cfg.pos_emb != "rotary":
+        return None
+    dim = rotary_dim(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_pct)
+    return rotary_cos_sin(position_ids, dim, cfg.rotary_emb_base)
+
+
+def lm_logits(x: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool, group: Any = None) -> torch.Tensor:
+    """Vocab-parallel logits [b, s, V/tp] with a (tied) embedding weight [V/tp, h]."""
+    if sequence_parallel:
+        x = gather_from_sequence_parallel_region(x, 1, group, tensor_parallel_output_grad=True)
+    else:
+        x = copy_to_tensor_model_parallel_region(x, group)
+    return F.linear(x, weight)
+
+
+def warn_partition_activations(cfg: Any) -> None:
+    if cfg.partition_activations:
+        warnings.warn(
+            "partition_activations is not honoured: checkpointed activations are kept whole on each tensor-parallel rank",
+            stacklevel=3,
+        )
+
+
+class GPTModel(nn.Module):
+    """input_ids [b, s] -> logits [b, s, padded_vocab_size / tp] (this rank's vocabulary slice)."""
+
+    def __init__(self, cfg: Any, *, sequence_parallel: bool = False, seed: int = 1234,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        check_model_config(cfg)
+        self.cfg = cfg
+        self.sequence_parallel = sequence_parallel and group_world_size(None) > 1
+        init = ModelInit(cfg, seed)
+        kw = dict(sequence_parallel=self.sequence_parallel, device=device, dtype=dtype)
+        self.embedding = Embedding(cfg, init, **kw)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i, init, **kw) for i in range(cfg.num_layers))
+        self.final_norm = build_norm(cfg, **kw)
+        self.tied = not cfg.no_weight_tying
+        if not self.tied:
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, cfg.padded_vocab_size, bias=False, init_method=init("output_layer.weight"), **kw
+            )
+        self.checkpoint_activations = cfg.checkpoint_activations
+        self.checkpoint_num_layers = max(1, cfg.checkpoint_num_layers)
+        if cfg.checkpoint_activations:
+            warn_partition_activations(cfg)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        b, s = input_ids.shape
+        if position_ids is None:
+            start = kv_cache.seen if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        x = self.embedding(input_ids, position_ids)  # [b, s, h]
+        rotary = rotary_for(self.cfg, position_ids)
+        x = self._layers(x, rotary, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance()
+        x = self.final_norm(x)
+        if self.tied:
+            return lm_logits(x, self.embedding.word_embeddings.weight, self.sequence_parallel)
+        return self.output_layer(x)
+
+    def _layers(self, x: torch.Tensor, rotary: Any, kv_cache: KVCache | None) -> torch.Tensor:
+        use_ckpt = self.checkpoint_activations and self.training and torch.is_grad_enabled() and kv_cache is None
+        if not use_ckpt:
+            for layer in self.layers:
+                x = layer(x, rotary, kv_cache)
+            return x
+        n = self.checkpoint_num_layers
+        for start in range(0, len(self.layers), n):
+            chunk = self.layers[start:start + n]
+            x = checkpoint(_run_chunk, chunk, x, rotary, use_reentrant=False, context_fn=checkpoint_context_fn)
+        return x
+
+    def allocate_kv_cache(self, batch_size: int, max_length: int, *, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for this rank's KV heads, on the model's device and dtype by default."""
+        p = self.final_norm.weight
+        attn = self.layers[0].attention
+        return KVCache.allocate(
+            len(self.layers), batch_size, max_length, attn.nkv, attn.head_dim,
+            device=device or p.device, dtype=dtype or p.dtype,
+        )
+
+    def num_kv_heads(self) -> int:
+        return num_kv_heads(self.cfg)
+
+
+def _run_chunk(chunk: nn.ModuleList, x: torch.Tensor, rotary: Any) -> torch.Tensor:
+    for layer in chunk:
+        x = layer(x, rotary)
+    return x
