@@ -31,3 +31,29 @@ def evaluate(engine: Any, data_iter: Iterator, eval_iters: int, *, eod: int | No
     mean = torch.stack(losses).mean()
     # The pipeline engine already averages over data-parallel ranks.
     return float(mean if is_pipe else dp_mean(mean))
+
+
+def fixed_batch_loss_fn(engine: Any, *, vocab_size: int, micro_batch: int, seq_length: int, seed: int,
+                        device: torch.device, loss_fn: Any, is_pipe: bool) -> Any:
+    """A collective returning the loss of one seeded random batch: the checkpoint's forward-pass check.
+
+    The same weights give the same loss before saving and after loading, at any data-parallel size.
+    """
+    import itertools
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"text": torch.randint(0, vocab_size, (micro_batch, seq_length + 1), generator=gen)}
+
+    def run() -> float:
+        if is_pipe:
+            from neox.training.step import pipe_batches
+
+            return float(engine.eval_batch(pipe_batches(itertools.repeat(batch), None, False)).float())
+        engine.eval()
+        with torch.no_grad():
+            tokens, labels, mask = get_batch(batch, None, False, device)
+            loss = loss_fn(engine(tokens), labels, mask).float()
+        engine.train()
+        return float(dp_mean(loss))
+
+    return run

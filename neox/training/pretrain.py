@@ -16,6 +16,7 @@ from megatron_core import parallel_state
 from neox.config import NeoXArgs
 from neox.logging import MetricsLogger
 from neox.training import flops
+from neox.training.eval import fixed_batch_loss_fn
 from neox.training.loop import TrainContext, train
 from neox.training.lr_schedule import AnnealingLR, resolve_schedule
 from neox.training.optim import base_lr, build_optimizer, deepspeed_config_for
@@ -112,12 +113,21 @@ def _prepare(args: NeoXArgs) -> tuple[NeoXArgs, torch.device, Any]:
     return args, device, tokenizer
 
 
-def _load(engine: Any, args: NeoXArgs) -> TrainState:
+def _validation_fn(engine: Any, args: NeoXArgs, device: torch.device, loss_fn: Any) -> Any:
+    if not args.checkpoint.checkpoint_validation_with_forward_pass:
+        return None
+    return fixed_batch_loss_fn(
+        engine, vocab_size=args.model.padded_vocab_size, micro_batch=args.training.train_micro_batch_size_per_gpu,
+        seq_length=args.model.seq_length, seed=args.training.seed, device=device, loss_fn=loss_fn,
+        is_pipe=args.parallel.pipe_parallel_size >= 1)
+
+
+def _load(engine: Any, args: NeoXArgs, validation_fn: Any) -> TrainState:
     if not args.checkpoint.load:
         return TrainState()
     from neox.checkpoint import load_checkpoint
 
-    return load_checkpoint(engine, args) or TrainState()
+    return load_checkpoint(engine, args, validation_fn=validation_fn) or TrainState()
 
 
 def _iterators(args: NeoXArgs, state: TrainState) -> Any:
@@ -133,10 +143,10 @@ def _iterators(args: NeoXArgs, state: TrainState) -> Any:
     )
 
 
-def _save_fn(engine: Any, args: NeoXArgs):
+def _save_fn(engine: Any, args: NeoXArgs, validation_fn: Any) -> Any:
     from neox.checkpoint import save_checkpoint
 
-    return lambda state, iteration: save_checkpoint(engine, args, state, iteration)
+    return lambda state, iteration: save_checkpoint(engine, args, state, iteration, validation_fn=validation_fn)
 
 
 def pretrain(args: NeoXArgs) -> TrainResult:
@@ -146,7 +156,8 @@ def pretrain(args: NeoXArgs) -> TrainResult:
 
     model = build_model(args, device)
     engine, _ = build_engine(args, model, device)
-    state = _load(engine, args)
+    validation_fn = _validation_fn(engine, args, device, lm_loss)
+    state = _load(engine, args, validation_fn)
     iters = _iterators(args, state)
     rank0 = dist.get_rank() == 0
     logger = MetricsLogger(args.logging, train_iters=args.training.train_iters,
@@ -154,7 +165,7 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     stop = StopRequests(args.training.kill_switch_path)
     stop.install()
     ctx = TrainContext(args=args, engine=engine, device=device, loss_fn=lm_loss, eod=tokenizer.eod,
-                       logger=logger, stop=stop, save_fn=_save_fn(engine, args) if args.checkpoint.save else None,
+                       logger=logger, stop=stop, save_fn=_save_fn(engine, args, validation_fn) if args.checkpoint.save else None,
                        peak_tflops=flops.peak_tflops(_device_name(device)))
     if rank0:
         print(f"neox: {flops.non_embedding_params(args.model) / 1e6:.2f}M non-embedding parameters, "

@@ -94,9 +94,9 @@ def _plain_fp32_grad_norm(engine: Any) -> float | None:
     """The fp32 ZeRO-0 engine clips without keeping the norm; compute it (TP-aware) before its step."""
     if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
         return None
-    from deepspeed.runtime.utils import get_grad_norm
+    from deepspeed.runtime.utils import get_flattened_grad_norm
 
-    return float(get_grad_norm([p for p in engine.module.parameters() if p.grad is not None], mpu=engine.mpu))
+    return float(get_flattened_grad_norm([p for p in engine.module.parameters() if p.grad is not None], mpu=engine.mpu))
 
 
 def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
