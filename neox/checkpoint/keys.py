@@ -441,7 +441,8 @@ def read_full_weights(ckpt_dir: str | Path, cfg: Any) -> LazyWeights:
     return LazyWeights({n: (lambda n=n: unshard_tensors(n, [s[n] for s in shards], cfg)) for n in names})
 
 
-def _shard_for_rank(name: str, full: torch.Tensor, cfg: Any, tp: int, rank: int) -> torch.Tensor:
+def shard_for_rank(name: str, full: torch.Tensor, cfg: Any, tp: int, rank: int) -> torch.Tensor:
+    """TP shard ``rank`` of a full neox tensor (a contiguous copy)."""
     if tp_kind(name, cfg) == "replicated" or tp == 1:
         return full.contiguous().clone()
     return shard_tensor(name, full, cfg, tp)[rank]
@@ -482,7 +483,7 @@ def write_weights(full: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Pat
         for r in range(tp):
             module = {}
             for n in full:
-                module[n] = _shard_for_rank(n, _checked(n, full[n], shapes, dtype), cfg, tp, r)
+                module[n] = shard_for_rank(n, _checked(n, full[n], shapes, dtype), cfg, tp, r)
                 nbytes += module[n].nbytes
                 bar.update()
             torch.save(_ds_states(module, tp, iteration), tag_dir / f"mp_rank_{r:02d}_model_states.pt")
@@ -497,7 +498,7 @@ def write_weights(full: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Pat
         for idx in sorted(layers):
             tensors = {n: _checked(n, full[n], shapes, dtype) for n, _ in layers[idx]}
             for r in range(tp):
-                sd = {sub: _shard_for_rank(n, tensors[n], cfg, tp, r) for n, sub in layers[idx]}
+                sd = {sub: shard_for_rank(n, tensors[n], cfg, tp, r) for n, sub in layers[idx]}
                 nbytes += sum(t.nbytes for t in sd.values())
                 torch.save(sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
                 bar.update(len(sd))

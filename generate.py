@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Generate text on every rank: ``python deepy.py generate.py CONF...`` starts this once per rank.
+
+NeoX keys: ``text_gen_type`` (unconditional, input-file, interactive), ``sample_input_file``,
+``sample_output_file`` (JSON lines ``{"context", "text"}``), ``maximum_tokens``, ``temperature``
+(0 = greedy), ``top_k``, ``top_p``, ``recompute`` (no KV cache). Weights come from ``load`` in any
+saved TP/PP layout and are resharded on the fly to this run's ``model_parallel_size``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from neox.errors import ConfigError, NeoXError, format_error
+
+
+def _dtype(args: Any, device: Any) -> Any:
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32  # CPU: fp32 (bf16 matmuls are slow there and fp16 unsupported)
+    return {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(args.precision.precision, torch.float32)
+
+
+def run(args: Any) -> dict[str, float]:
+    """Build the model at this run's TP size, load ``load``, generate per ``text_gen_type``."""
+    import torch
+
+    from neox.generation import Generator, SamplingParams, load_weights, run_mode
+    from neox.model import GPTModel
+    from neox.tokenizer.build import build_tokenizer
+    from neox.training.pretrain import init_distributed
+
+    if args.parallel.pipe_parallel_size > 1:
+        raise ConfigError("pipe_parallel_size: generate.py runs the plain model; set 0 or 1 "
+                          "(pipeline checkpoints load at any pipeline size)")
+    if not args.checkpoint.load:
+        raise ConfigError("load: generate.py needs a checkpoint folder to load weights from")
+    device = init_distributed(args)
+    tokenizer = build_tokenizer(args.tokenizer)
+    if args.model.padded_vocab_size is None:
+        args = args.with_vocab_size(tokenizer.vocab_size)
+    model = GPTModel(args.model, seed=args.training.seed, device=device, dtype=_dtype(args, device)).eval()
+    load_weights(model, args.checkpoint.load, args.model)
+    tg = args.textgen
+    params = SamplingParams(maximum_tokens=tg.maximum_tokens, temperature=tg.temperature, top_k=tg.top_k,
+                            top_p=tg.top_p, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size,
+                            use_cache=not tg.recompute)
+    rng = torch.Generator().manual_seed(args.training.seed)
+    totals = run_mode(Generator(model, tokenizer, params, rng), tg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        where = "" if tg.text_gen_type == "interactive" else f" -> {tg.sample_output_file}"
+        print(f"generated {totals['samples']} sample(s), {totals['tokens']} tokens in {totals['seconds']:.1f} s "
+              f"({totals['tokens_per_sec']:.1f} tokens/s){where}", file=sys.stderr)
+    return totals
+
+
+def main() -> None:
+    from neox.config import NeoXArgs
+
+    run(NeoXArgs.from_launcher())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NeoXError as err:
+        if os.environ.get("NEOX_DEBUG") == "1":
+            raise
+        print(format_error(err), file=sys.stderr)
+        sys.exit(err.exit_code)
