@@ -198,7 +198,11 @@ def prune(save_dir: str, keep: int, protect: set[str] = frozenset()) -> list[str
 def resolve(load: str) -> tuple[str, str] | None:
     """``(load_dir, tag)`` for a ``load`` value: a directory with ``latest`` or a tag directory itself."""
     load = os.path.abspath(load.rstrip("/"))
-    if TAG_RE.match(os.path.basename(load)) and os.path.isdir(load):
+    if load.endswith(PARTIAL_SUFFIX):
+        raise CheckpointError(f"load: {load} is an interrupted save (no manifest); load its parent directory")
+    if TAG_RE.match(os.path.basename(load)):
+        if not os.path.isdir(load):
+            raise CheckpointError(f"load: {load} does not exist")
         return os.path.dirname(load), os.path.basename(load)
     if not os.path.isdir(load):
         return None
