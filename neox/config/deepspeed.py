@@ -10,6 +10,44 @@ from neox.config import compat
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
 
+# Fields DeepSpeed 0.19.8 accepts in each block (its pydantic models forbid others).
+FP16_KEYS = frozenset(
+    "auto_cast consecutive_hysteresis enabled fp16_master_weights_and_grads hysteresis initial_scale_power "
+    "loss_scale loss_scale_window min_loss_scale".split()
+)
+BF16_KEYS = frozenset(
+    "bf16_master_weights_and_grads bf16_optimizer_states check_grad_overflow enabled immediate_grad_update".split()
+)
+ZERO_KEYS = frozenset(
+    "allgather_bucket_size allgather_partitions allgather_sequential compute_grad_norm contiguous_gradients "
+    "cpu_offload cpu_offload_param cpu_offload_use_pin_memory elastic_checkpoint enable_sanity_checks "
+    "gather_16bit_weights_on_model_save ignore_unused_parameters leaf_module legacy_stage1 load_from_fp32_weights "
+    "log_trace_cache_warnings max_live_parameters max_reuse_distance memory_efficient_linear "
+    "model_persistence_threshold module_granularity_threshold offload_optimizer offload_param overlap_comm "
+    "override_module_apply param_persistence_threshold parameter_alignment pipeline_loading_checkpoint "
+    "prefetch_bucket_size reduce_bucket_size reduce_scatter round_robin_gradients "
+    "save_muon_momentum_buffer_in_memory stage stage3_allgather_sequential "
+    "stage3_gather_16bit_weights_on_model_save stage3_gather_fp16_weights_on_model_save "
+    "stage3_max_live_parameters stage3_max_reuse_distance stage3_model_persistence_threshold "
+    "stage3_module_granularity_threshold stage3_param_persistence_threshold stage3_prefetch_bucket_size "
+    "stage3_use_all_reduce_for_fetch_params sub_group_size use_all_reduce_for_fetch_params "
+    "use_multi_rank_bucket_allreduce zenflow zero_hpz_partition_size zero_quantized_gradients "
+    "zero_quantized_nontrainable_weights zero_quantized_weights".split()
+)
+# keys old NeoX configs put in these blocks that DeepSpeed never read (e.g. "fp16": {"fp16": true, ...})
+LEGACY_BLOCK_KEYS = frozenset({"fp16", "bf16", "type"})
+BLOCK_KEYS = {"fp16": FP16_KEYS, "bf16": BF16_KEYS, "zero_optimization": ZERO_KEYS}
+
+
+def unknown_block_keys(block: str, values: dict[str, Any]) -> list[str]:
+    """Keys of a DeepSpeed block (fp16, bf16, zero_optimization) that DeepSpeed would reject."""
+    return sorted(k for k in values if k not in BLOCK_KEYS[block] and k not in LEGACY_BLOCK_KEYS)
+
+
+def _clean(block: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {k: copy.deepcopy(v) for k, v in values.items() if k in BLOCK_KEYS[block]}
+
+
 # DeepSpeed prints its own loss line every steps_per_print steps; neox logs by log_interval instead.
 QUIET_STEPS_PER_PRINT = 10**9
 
@@ -17,7 +55,7 @@ QUIET_STEPS_PER_PRINT = 10**9
 def zero_config(zero: dict[str, Any]) -> dict[str, Any]:
     """NeoX's zero_optimization block for DeepSpeed 0.19: ``cpu_offload`` (removed there) becomes
     ``offload_optimizer``."""
-    out = copy.deepcopy(zero) or {}
+    out = _clean("zero_optimization", zero or {})
     out.setdefault("stage", 0)
     if "cpu_offload" in out:
         if out.pop("cpu_offload"):
@@ -45,8 +83,8 @@ def build_deepspeed_config(args: NeoXArgs) -> dict[str, Any]:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": args.optim.gradient_clipping,
         "zero_optimization": zero_config(args.optim.zero_optimization),
-        "fp16": copy.deepcopy(p.fp16) if p.fp16 else {"enabled": False},
-        "bf16": copy.deepcopy(p.bf16) if p.bf16 else {"enabled": False},
+        "fp16": _clean("fp16", p.fp16) if p.fp16 else {"enabled": False},
+        "bf16": _clean("bf16", p.bf16) if p.bf16 else {"enabled": False},
         "wall_clock_breakdown": args.logging.wall_clock_breakdown,
         "steps_per_print": QUIET_STEPS_PER_PRINT,
         "zero_allow_untested_optimizer": args.optim.zero_allow_untested_optimizer,

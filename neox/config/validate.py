@@ -165,6 +165,19 @@ def positive_counts(a: NeoXArgs) -> None:
             raise key_error(key, f"expected a positive integer, got {value}")
 
 
+def deepspeed_blocks_known(a: NeoXArgs) -> None:
+    import difflib
+
+    from neox.config.deepspeed import BLOCK_KEYS, unknown_block_keys
+
+    blocks = {"fp16": a.precision.fp16, "bf16": a.precision.bf16, "zero_optimization": a.optim.zero_optimization}
+    for block, values in blocks.items():
+        for key in unknown_block_keys(block, values):
+            close = difflib.get_close_matches(key, sorted(BLOCK_KEYS[block]), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise key_error(block, f"unknown DeepSpeed {block} key '{key}'{hint}")
+
+
 def known_launcher(a: NeoXArgs) -> None:
     if a.launcher.launcher.lower() not in LAUNCHERS:
         raise key_error("launcher", f"{a.launcher.launcher!r} is not one of {LAUNCHERS}")
@@ -188,6 +201,7 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     one_half_precision,
     mixture_weights_match_paths,
     positive_counts,
+    deepspeed_blocks_known,
     known_launcher,
 ]
 
