@@ -51,6 +51,15 @@ def head_dim(cfg: Any) -> int:
     return cfg.hidden_size // cfg.num_attention_heads
 
 
+def ffn_size(cfg: Any) -> int:
+    """MLP inner size per branch (the model's own rule when intermediate_size is not set)."""
+    if cfg.intermediate_size:
+        return cfg.intermediate_size
+    from neox.model.mlp import ffn_size as model_ffn_size
+
+    return model_ffn_size(cfg)
+
+
 def qkv_sizes(cfg: Any) -> tuple[int, int, int]:
     """Rows of Q, K and V in the full fused qkv tensor."""
     d = head_dim(cfg)
@@ -59,7 +68,7 @@ def qkv_sizes(cfg: Any) -> tuple[int, int, int]:
 
 def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shape of every neox parameter the config builds."""
-    h, ffn, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.padded_vocab_size
+    h, ffn, vocab = cfg.hidden_size, ffn_size(cfg), cfg.padded_vocab_size
     norm_bias = cfg.norm == "layernorm" and cfg.use_bias_in_norms
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (vocab, h)}
     if cfg.pos_emb == "learned":
@@ -109,7 +118,7 @@ def _split_sizes(name: str, cfg: Any) -> list[int] | None:
     if kind == "qkv":
         return list(qkv_sizes(cfg))
     if kind == "gated":
-        return [cfg.intermediate_size, cfg.intermediate_size]
+        return [ffn_size(cfg), ffn_size(cfg)]
     return None
 
 

@@ -130,8 +130,13 @@ def test_bf16_export_and_tokenizer_files(tmp_path):
     assert tok("the number 12 is even", add_special_tokens=False)["input_ids"] == ref.encode("the number 12 is even")
 
 
-def test_full_layout_is_tp_independent():
-    cfg = dataclasses.replace(model_cfg(), padded_vocab_size=VOCAB)
+@pytest.mark.parametrize("gated", [True, False])
+def test_full_layout_is_tp_independent(gated):
+    from neox.model import sharding  # the model's own implementation of the internals.md table
+
+    over = {} if gated else {"mlp_type": "regular", "activation": "gelu", "use_bias_in_mlp": True,
+                             "use_bias_in_attn_linear": True, "norm": "layernorm", "use_bias_in_norms": True}
+    cfg = dataclasses.replace(model_cfg(**over), padded_vocab_size=VOCAB)
     g = torch.Generator().manual_seed(0)
     full = {n: torch.randn(*s, generator=g) for n, s in keys.expected_shapes(cfg).items()}
     for tp in (1, 2):
@@ -139,3 +144,5 @@ def test_full_layout_is_tp_independent():
             shards = keys.shard_tensor(name, t, cfg, tp)
             assert [keys.shard_for_rank(name, t, cfg, tp, r).shape for r in range(tp)] == [s.shape for s in shards]
             assert torch.equal(keys.unshard_tensors(name, shards, cfg), t), (name, tp)
+            for r in range(tp):
+                assert torch.equal(sharding.shard(cfg, name, t, r, tp), shards[r]), (name, tp, r)
