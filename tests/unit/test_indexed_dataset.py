@@ -16,45 +16,7 @@ import torch
 
 from neox.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder, make_dataset
 from neox.errors import DataError
-
-SPEC_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-              8: np.uint16}
-
-
-def spec_write(prefix, items, doc_idx, code, item_dtype=None):
-    """Write a dataset straight from the format description (not with our builder)."""
-    dt = np.dtype(item_dtype or SPEC_CODES[code])
-    with open(prefix + ".bin", "wb") as f:
-        for it in items:
-            f.write(np.asarray(it, dtype=dt).tobytes())
-    sizes = [len(it) for it in items]
-    pointers, p = [], 0
-    for s in sizes:
-        pointers.append(p)
-        p += s * dt.itemsize
-    with open(prefix + ".idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code))
-        f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx)))
-        f.write(struct.pack(f"<{len(sizes)}i", *sizes))
-        f.write(struct.pack(f"<{len(pointers)}q", *pointers))
-        f.write(struct.pack(f"<{len(doc_idx)}q", *doc_idx))
-
-
-def spec_read(prefix):
-    """Read a dataset straight from the format description (not with our reader)."""
-    raw = open(prefix + ".idx", "rb").read()
-    assert raw[:9] == b"MMIDIDX\x00\x00"
-    (version,) = struct.unpack_from("<Q", raw, 9)
-    (code,) = struct.unpack_from("<B", raw, 17)
-    n, d = struct.unpack_from("<QQ", raw, 18)
-    sizes = struct.unpack_from(f"<{n}i", raw, 34)
-    pointers = struct.unpack_from(f"<{n}q", raw, 34 + 4 * n)
-    doc_idx = struct.unpack_from(f"<{d}q", raw, 34 + 12 * n)
-    dt = np.dtype(SPEC_CODES[code])
-    data = open(prefix + ".bin", "rb").read()
-    items = [np.frombuffer(data, dtype=dt, count=s, offset=p).tolist() for s, p in zip(sizes, pointers)]
-    return version, code, list(sizes), list(doc_idx), items
-
+from tests.fixtures.data.mmap_spec import SPEC_CODES, spec_read, spec_write
 
 ITEMS = [[1, 2, 3], [4], [], [5, 6, 7, 8, 9], [10, 11]]
 
