@@ -419,7 +419,7 @@ def _read_shards(tag_dir: Path, cfg: Any) -> list[dict[str, torch.Tensor]]:
         for idx, r, f in sorted(pipe):
             for sub, t in load_tensors(f).items():
                 if isinstance(t, torch.Tensor):
-                    shards[r][pipe_to_plain_key(idx, sub)] = t
+                    shards[r][pipe_to_plain_key(idx, sub, cfg.num_layers)] = t
         return shards
     files = sorted((int(m[1]), f) for f in tag_dir.iterdir() if (m := _MP_FILE.search(f.name)))
     if not files:
@@ -502,7 +502,7 @@ def write_weights(full: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Pat
 
         layers: dict[int, list[tuple[str, str]]] = {}
         for n in full:
-            idx, sub = plain_to_pipe_key(n)
+            idx, sub = plain_to_pipe_key(n, cfg.num_layers)
             layers.setdefault(idx, []).append((n, sub))
         for idx in sorted(layers):
             tensors = {n: _checked(n, full[n], shapes, dtype) for n, _ in layers[idx]}

@@ -28,7 +28,7 @@ class TransformerBlock(nn.Module):
         prefix = f"layers.{layer}."
         sp = sequence_parallel and group_world_size(group) > 1
         kw = dict(sequence_parallel=sp, group=group, device=device, dtype=dtype)
-        self.layer = layer
+        self.layer, self.cfg = layer, cfg
         self.input_norm = build_norm(cfg, **kw)
         self.attention = Attention(cfg, layer, prefix + "attention.", init, **kw)
         self.post_attention_norm = build_norm(cfg, **kw)
