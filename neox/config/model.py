@@ -37,7 +37,7 @@ class ModelConfig:
     """Number of positions the model can address. None: seq_length."""
 
     intermediate_size: int | None = None
-    """MLP inner dimension (per branch). None: derived as NeoX does (4*h for regular MLPs; for llama/gated MLPs 2/3 of 4*h rounded up to a multiple of mlp_multiple_of)."""
+    """MLP inner dimension; after derivation, per branch of a gated MLP. As NeoX: with mlp_type llama it is per branch (default 8h/3 rounded up to 256); with activation swiglu/geglu/reglu it counts both branches before NeoX's 2/3 scaling (default 4h), giving round_up(int(size*2/3)//2, mlp_multiple_of) per branch; otherwise 4h by default."""
 
     expansion_factor: float | None = None
     """If set and intermediate_size is None, the MLP inner dimension is expansion_factor * hidden_size."""
@@ -73,7 +73,7 @@ class ModelConfig:
     """MLP kind: 'regular' (linear, activation, linear) or 'llama' (gated: act(gate) * up, then down)."""
 
     activation: Literal["gelu", "geglu", "relu", "silu", "swish", "swiglu", "reglu"] = "gelu"
-    """Activation function. 'swiglu' (and 'geglu', 'reglu') select the gated MLP with silu (gelu, relu); 'swish' = 'silu'."""
+    """Activation function. 'swiglu' (and 'geglu', 'reglu') select the gated MLP with silu (gelu, relu); 'swish' = 'silu'. After derivation: gelu, relu or silu, with mlp_type saying whether the MLP is gated."""
 
     use_bias_in_norms: bool = True
     """Give the norm layers a bias (LayerNorm only; RMSNorm has none)."""
@@ -94,10 +94,10 @@ class ModelConfig:
     """With gpt_j_residual, use one norm for both attention and MLP (ln1 = ln2)."""
 
     output_layer_parallelism: Literal["column", "row"] = "column"
-    """How the output layer is split over tensor-parallel ranks; only 'column' (vocab-parallel) is implemented."""
+    """How the output layer is split over tensor-parallel ranks. neox always splits it by vocabulary ('column'); 'row' is accepted and gives the same model."""
 
     attention_config: list[str] = field(default_factory=list)
-    """Attention kind per layer. Written as NeoX pairs, e.g. [[["global"], 12]] or [[["flash"], 32]]; expanded to one entry per layer (counts must sum to num_layers). Empty: global everywhere."""
+    """Attention kind per layer. Written as NeoX pairs, e.g. [[["global"], 12]] or [[["flash"], 32]]; expanded to one entry per layer (counts must sum to num_layers). 'global' and 'flash' are both full causal attention ('flash' asks for the flash kernel). Empty: global everywhere."""
 
     init_method: Literal[
         "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal"
