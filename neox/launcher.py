@@ -109,9 +109,11 @@ def planned_world_size(flat: Mapping[str, Any], environ: Mapping[str, str] | Non
     per_node = num_gpus if num_gpus and num_gpus > 0 else None
     if flat.get("hostfile") and not flat.get("deepspeed_slurm"):
         hosts = filter_hosts(parse_hostfile(flat["hostfile"]), flat.get("include"), flat.get("exclude"))
-        if hosts:
+        if hosts and (flat.get("include") or flat.get("exclude")):  # the runner ignores num_nodes/num_gpus then
+            return sum(len(s) for s in hosts.values()), None
+        if hosts:  # as DeepSpeed's runner: the first num_nodes hosts, num_gpus slots on each
             chosen = list(hosts.values())[: num_nodes if num_nodes and num_nodes > 0 else None]
-            return sum(min(len(s), per_node or len(s)) for s in chosen), None
+            return sum(per_node or len(s) for s in chosen), None
     nodes = num_nodes if num_nodes and num_nodes > 0 else int(environ.get("SLURM_NNODES", 1) or 1)
     if per_node is None:
         per_node = detect_local_gpus(environ) or int(environ.get("SLURM_GPUS_ON_NODE", 0) or 0)

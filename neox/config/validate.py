@@ -178,6 +178,11 @@ def deepspeed_blocks_known(a: NeoXArgs) -> None:
             raise key_error(block, f"unknown DeepSpeed {block} key '{key}'{hint}")
 
 
+def include_or_exclude(a: NeoXArgs) -> None:
+    if a.launcher.include and a.launcher.exclude:
+        raise key_error(("include", "exclude"), "DeepSpeed's runner takes include or exclude, not both")
+
+
 def known_launcher(a: NeoXArgs) -> None:
     if a.launcher.launcher.lower() not in LAUNCHERS:
         raise key_error("launcher", f"{a.launcher.launcher!r} is not one of {LAUNCHERS}")
@@ -202,6 +207,7 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     mixture_weights_match_paths,
     positive_counts,
     deepspeed_blocks_known,
+    include_or_exclude,
     known_launcher,
 ]
 

@@ -74,6 +74,7 @@ RULE_CASES = [
     ("mixture_weights_match_paths", dict(train_data_paths=["a", "b"], train_data_weights=[1.0]), "1 weights for 2 train_data_paths"),
     ("positive_counts", dict(log_interval=0), "log_interval: expected a positive integer"),
     ("deepspeed_blocks_known", dict(zero_optimization={"stage": 1, "overlap_com": True}), "did you mean 'overlap_comm'"),
+    ("include_or_exclude", dict(include="a", exclude="b"), "include or exclude, not both"),
     ("known_launcher", dict(launcher="torchrun"), "launcher"),
 ]
 

@@ -68,6 +68,8 @@ def test_hostfile_command_and_world_size(tmp_path):
 
     exc = resolve(hostfile=str(hostfile), exclude="worker-1:3")
     assert exc.parallel.world_size == 7
+    two = resolve(hostfile=str(hostfile), num_gpus=2)  # DeepSpeed: num_gpus slots on every host
+    assert two.parallel.world_size == 4
     assert filter_hosts({"a": 2, "b": 2}, None, "b") == {"a": [0, 1]}
 
 
