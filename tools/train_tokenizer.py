@@ -50,10 +50,12 @@ def train(inputs: str, model_prefix: str, vocab_size: int, *, keys: tuple[str, .
           user_defined_symbols: tuple[str, ...] = (), max_sentence_length: int = 4192) -> str:
     """Train and return the path of ``{model_prefix}.model``."""
     import sentencepiece as spm
+    from tqdm import tqdm
 
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    lines = tqdm(iter_sentences(inputs, list(keys), max_sentence_length), unit="line", desc="reading", leave=False)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_sentences(inputs, list(keys), max_sentence_length),
+        sentence_iterator=iter(lines),
         model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
         character_coverage=0.9999, byte_fallback=True, split_digits=True,
         allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,

@@ -135,3 +135,16 @@ def test_errors(tmp_path):
     bad_json.write_text("{")
     with pytest.raises(DataError, match="not a Hugging Face tokenizer.json"):
         build_tokenizer(TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(bad_json)))
+
+
+def test_train_tokenizer_tool_round_trips_code(tmp_path):
+    from tools.train_tokenizer import train
+
+    src = tmp_path / "code.jsonl"
+    code = "def f(x):\n    return x  + 1\n\n\tclass A:\n        pass  # done\n"
+    src.write_text("\n".join(json.dumps({"text": code + line}) for line in corpus(200)) + "\n")
+    model = train(str(src), str(tmp_path / "tok"), 320, num_threads=1)
+    tok = build_tokenizer(TokenizerConfig(tokenizer_type="SPMTokenizer", vocab_file=model))
+    assert tok.vocab_size == 320 and tok.eod == 2
+    for text in (code, "naïve ☃  x\n\n  y"):  # whitespace, newlines and unseen characters survive
+        assert tok.detokenize(tok.tokenize(text)) == text
