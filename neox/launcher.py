@@ -117,13 +117,16 @@ def planned_world_size(flat: Mapping[str, Any], environ: Mapping[str, str] | Non
     nodes = num_nodes if num_nodes and num_nodes > 0 else int(environ.get("SLURM_NNODES", 1) or 1)
     if per_node is None:
         per_node = detect_local_gpus(environ) or int(environ.get("SLURM_GPUS_ON_NODE", 0) or 0)
-    if per_node:
-        return per_node * nodes, None
     model_ranks = int(flat.get("model_parallel_size") or 1) * max(int(flat.get("pipe_parallel_size") or 0), 1)
+    if per_node and (flat.get("num_gpus") or (per_node * nodes) % model_ranks == 0):
+        return per_node * nodes, None
+    # Too few GPUs here (or none): plan the smallest world the model fits, so dry runs and tools work
+    # on any machine; launching on this machine is refused by check_launchable.
     world = max(model_ranks, nodes)
+    where = f"only {per_node} GPUs here" if per_node else "no GPUs detected"
     note = None
     if world > 1:
-        note = f"no GPUs detected and num_gpus not set: planning {world} ranks (model_parallel_size x pipeline stages)"
+        note = f"{where} and num_gpus not set: planning {world} ranks (model_parallel_size x pipeline stages)"
     return world, note
 
 
@@ -227,8 +230,23 @@ def _export_file(env: dict[str, str], names: list[str]) -> str:
     return path
 
 
+def check_launchable(args: NeoXArgs) -> None:
+    """Refuse a local launch whose planned ranks differ from this machine's GPUs (DeepSpeed would
+    start one rank per GPU and every rank would then reject the config)."""
+    la = args.launcher
+    if la.hostfile and parse_hostfile(la.hostfile) or la.deepspeed_slurm or (la.num_gpus and la.num_gpus > 0):
+        return
+    gpus = detect_local_gpus()
+    if gpus and gpus != args.parallel.world_size:
+        raise ConfigError(
+            f"num_gpus: this machine has {gpus} GPUs but the config needs {args.parallel.world_size} ranks "
+            f"(model_parallel_size x pipeline stages); set num_gpus or use a hostfile"
+        )
+
+
 def launch(args: NeoXArgs, user_script: str, user_args: list[str] | None = None) -> int:
     """Start the ranks and wait; returns the exit code."""
+    check_launchable(args)
     cmd = build_launch_command(args, user_script, user_args)
     env = launch_env(args)
     env_file = None

@@ -48,6 +48,19 @@ def test_cpu_machine_plans_model_parallel_ranks():
     assert "--num_gpus" in (cmd := build_launch_command(args, "train.py")) and cmd[cmd.index("--num_gpus") + 1] == "2"
 
 
+def test_too_few_gpus_plans_the_model_and_refuses_to_launch(monkeypatch):
+    from neox.errors import ConfigError
+    from neox.launcher import check_launchable, launch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert resolve().parallel.world_size == 4  # every visible GPU
+    args = resolve(model_parallel_size=8, num_attention_heads=8)  # e.g. converting a mp-8 checkpoint on a 4-GPU machine
+    assert args.parallel.world_size == 8
+    with pytest.raises(ConfigError, match="this machine has 4 GPUs but the config needs 8 ranks"):
+        launch(args, "train.py")
+    check_launchable(resolve(model_parallel_size=8, num_attention_heads=8, num_gpus=8))  # explicit num_gpus is the user's call
+
+
 def test_hostfile_command_and_world_size(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# cluster\nworker-0 slots=4\nworker-1 slots=4\n")
