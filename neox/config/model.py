@@ -127,6 +127,9 @@ class ModelConfig:
     partition_activations: bool = False
     """Split checkpointed activations across tensor-parallel ranks (DeepSpeed activation checkpointing)."""
 
+    torch_compile: bool = False
+    """neox: compile each transformer block with torch.compile when training on a GPU (fuses norms, rotary, SwiGLU)."""
+
     attention_softmax_in_fp32: bool = False
     """Compute the attention softmax in fp32."""
 

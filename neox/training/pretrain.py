@@ -72,7 +72,7 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     if args.parallel.pipe_parallel_size == 0:
         from neox.model import GPTModel
 
-        return GPTModel(args.model, sequence_parallel=sp, seed=seed, device=device)
+        return compile_blocks(GPTModel(args.model, sequence_parallel=sp, seed=seed, device=device), args, device)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from neox.model.pipe import GPTModelPipe
@@ -80,7 +80,18 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     topo = PipeModelDataParallelTopology(num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
                                          num_mp=parallel_state.get_tensor_model_parallel_world_size(),
                                          num_dp=parallel_state.get_data_parallel_world_size())
-    return GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed)
+    return compile_blocks(GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed), args, device)
+
+
+def compile_blocks(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.nn.Module:
+    """torch.compile each transformer block in place (``torch_compile``, GPU only; CPU runs stay eager)."""
+    if args.model.torch_compile and device.type == "cuda":
+        from neox.model.transformer import TransformerBlock
+
+        for module in model.modules():
+            if isinstance(module, TransformerBlock):
+                module.compile()
+    return model
 
 
 def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -> tuple[Any, AnnealingLR]:
