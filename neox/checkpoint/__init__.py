@@ -56,7 +56,9 @@ def save_checkpoint(engine: Any, args: Any, state: Any, iteration: int, *,
         vloss = local.with_rng_preserved(validation_fn)
     client = {"train_state": state.to_dict(), "iteration": int(iteration)}
     flat = args.to_flat() if hasattr(args, "to_flat") else None
-    tag_dir = local.save(engine, ck.save, iteration, client_state=client, args_flat=flat, validation_loss=vloss)
+    tag_dir = local.save(engine, ck.save, iteration, client_state=client, args_flat=flat, validation_loss=vloss,
+                         save_optimizer=not getattr(ck, "no_save_optim", False),
+                         save_rng=not getattr(ck, "no_save_rng", False))
     if local._rank() == 0:
         protect: set[str] = set()
         if ck.s3_path:

@@ -121,8 +121,13 @@ def with_rng_preserved(fn: Callable[[], float]) -> float:
 
 
 def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, Any],
-         args_flat: dict[str, Any] | None = None, validation_loss: float | None = None) -> str:
-    """Save one crash-safe checkpoint tag (a collective); return the final tag directory."""
+         args_flat: dict[str, Any] | None = None, validation_loss: float | None = None,
+         save_optimizer: bool = True, save_rng: bool = True) -> str:
+    """Save one crash-safe checkpoint tag (a collective); return the final tag directory.
+
+    ``save_optimizer=False`` (NeoX's no_save_optim) drops the optimizer state: ZeRO's optim files
+    are removed and the non-ZeRO ``optimizer`` entry is stored as None; the manifest records it.
+    """
     tag = tag_for(iteration)
     partial = tag + PARTIAL_SUFFIX
     partial_dir = os.path.join(save_dir, partial)
@@ -130,18 +135,25 @@ def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, 
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that crashed
     _barrier()
-    engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state}, save_latest=False)
-    save_rng_state(partial_dir, _rank())
+    extra = {} if save_optimizer else {"optimizer": None}  # DeepSpeed lets client_state override its keys
+    engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
+                           save_latest=False)
+    if save_rng:
+        save_rng_state(partial_dir, _rank())
     if _rank() == 0 and args_flat is not None:
         with open(os.path.join(partial_dir, ARGS_NAME), "w") as f:
             json.dump(redact(args_flat), f, indent=1, sort_keys=True, default=str)
     _fsync_tree(partial_dir)
     _barrier()  # every rank's files are on disk
+    if not save_optimizer and _rank() == 0:
+        for name in os.listdir(partial_dir):
+            if name.endswith("optim_states.pt"):
+                os.remove(os.path.join(partial_dir, name))
     files = _hash_shared(partial_dir)
     final_dir = os.path.join(save_dir, tag)
     if _rank() == 0:
         mf.write_manifest(partial_dir, files, tag=tag, iteration=iteration, layout=engine_layout(engine),
-                          validation_loss=validation_loss)
+                          optimizer=save_optimizer, validation_loss=validation_loss)
         _commit(save_dir, tag)
     _barrier()
     return final_dir
@@ -259,6 +271,8 @@ def _needs_module_only(engine: Any, manifest: dict[str, Any] | None) -> str | No
     """Why the optimizer state cannot be loaded into ``engine`` (None: it can)."""
     if manifest is None or "layout" not in manifest:
         return None
+    if manifest.get("optimizer") is False:
+        return "saved without optimizer state (no_save_optim)"
     saved, now = manifest["layout"], engine_layout(engine)
     if saved.get("zero_stage") != now["zero_stage"]:
         return f"ZeRO stage {saved.get('zero_stage')} in the checkpoint, {now['zero_stage']} now"

@@ -226,3 +226,21 @@ def test_redact_and_atomic_write(tmp_path):
     mf.atomic_write_text(str(p), "global_step1")
     mf.atomic_write_text(str(p), "global_step2")
     assert p.read_text() == "global_step2" and os.listdir(tmp_path) == ["latest"]
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_no_save_optim_and_rng(tmp_path, zero, caplog):
+    args = _args(tmp_path, no_save_optim=True, no_save_rng=True)
+    engine, state = toy_engine(zero=zero), TrainState()
+    toy_run(engine, state, 2)
+    tag_dir = save_checkpoint(engine, args, state, 2)
+    names = os.listdir(tag_dir)
+    assert not any("optim_states" in n or n.startswith("rng_state") for n in names)
+    saved = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)
+    assert saved["optimizer"] is None and mf.read_manifest(tag_dir)["optimizer"] is False
+    other = toy_engine(seed=4, zero=zero)
+    with caplog.at_level("WARNING"):
+        assert load_checkpoint(other, args).iteration == 2
+    assert "saved without optimizer state" in caplog.text and other.lr_scheduler.last_epoch == 2
+    for a, b in zip(engine.module.parameters(), other.module.parameters()):
+        assert torch.equal(a, b)
