@@ -1,5 +1,6 @@
 """TP 2 on 2 gloo ranks: a converted Meta checkpoint gives transformers' logits and greedy tokens, and
-DeepSpeed's ``load_checkpoint(load_module_only=True)`` (through neox.checkpoint.local) accepts it."""
+DeepSpeed's ``load_checkpoint(load_module_only=True)`` (through neox.checkpoint.local) accepts it, in the
+plain layout at TP 2 and in the pipeline layout at PP 2."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from tests.unit.test_convert_meta import VOCAB, make_meta_checkpoint, model_cfg,
 PROMPT = [5, 17, 99, 3, 64, 2]
 
 
-def _tp2_worker(rank: int, world: int, ckpt: str) -> dict:
+def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str) -> dict:
     import deepspeed
 
     from megatron_core import parallel_state
     from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from neox.checkpoint import local
+    from neox.checkpoint import keys, local
     from neox.generation import SamplingParams, generate_tokens, load_weights
     from neox.model import GPTModel
 
@@ -44,9 +45,33 @@ def _tp2_worker(rank: int, world: int, ckpt: str) -> dict:
                                            dist_init_required=False)
     local.load(engine, str(ckpt), "global_step0", module_only=True)
     mine = model.state_dict()
+    mine_full = dict(keys.read_full_weights(ckpt, cfg))
     out["deepspeed_load_equal"] = all(torch.equal(t, mine[n]) for n, t in engine.module.state_dict().items())
     parallel_state.destroy_model_parallel()
+    out["pipe_load_equal"] = _pipe_load(pipe_ckpt, cfg, mine_full)
     return out
+
+
+def _pipe_load(ckpt: str, cfg, full: dict) -> bool:
+    """PP 2 x TP 1: DeepSpeed's PipelineEngine loads the layer_XX files write_weights wrote."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from megatron_core import parallel_state
+    from neox.checkpoint import local
+    from neox.model.pipe import GPTModelPipe
+
+    parallel_state.initialize_model_parallel(1, 2)
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=1)
+    model = GPTModelPipe(cfg, topology=topo, seed=99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "zero_optimization": {"stage": 0},
+          "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
+    local.load(engine, ckpt, "global_step0", module_only=True)
+    ok = all(torch.equal(p, full[n]) for n, p in engine.module.plain_named_parameters())
+    parallel_state.destroy_model_parallel()
+    return ok
 
 
 def test_tp2_logits_generation_and_deepspeed_load(tmp_path):
@@ -59,11 +84,13 @@ def test_tp2_logits_generation_and_deepspeed_load(tmp_path):
         want = ref(ids).logits
         greedy = ref.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(PROMPT):].tolist()
-    results = run_distributed(_tp2_worker, 2, str(tmp_path / "ckpt"))
+    tool("reshard_checkpoint").reshard(tmp_path / "ckpt", model_cfg(padded_vocab_size=2 * VOCAB), tmp_path / "pipe",
+                                       1, 2, progress=False)
+    results = run_distributed(_tp2_worker, 2, str(tmp_path / "ckpt"), str(tmp_path / "pipe"))
     for r in results:
         assert (r["logits"] - want).abs().max().item() < 1e-5
         assert r["greedy_True"] == greedy and r["greedy_False"] == greedy
         assert r["sampled_True"] == r["sampled_False"]
-        assert r["deepspeed_load_equal"]
+        assert r["deepspeed_load_equal"] and r["pipe_load_equal"]
     # the ranks seeded their samplers differently; the broadcast from TP rank 0 keeps them in step
     assert results[0]["sampled_True"] == results[1]["sampled_True"]
