@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,7 @@ def config_sets() -> list[list[str]]:
     files = sorted((ROOT / "configs").glob("*.yml"))
     sets = []
     for f in files:
-        text = f.read_text()
-        has_model = "num_layers" in text or "num-layers" in text
+        has_model = re.search(r'"num[-_]layers"', f.read_text()) is not None
         sets.append([str(f)] if has_model else [str(ROOT / "configs" / "llemma_7b.yml"), str(f)])
     return sets
 
@@ -95,3 +95,29 @@ def test_llemma_published_values(capsys):
     assert (big.model.num_attention_heads, big.model.num_kv_heads, big.model.rotary_emb_base) == (64, 8, 1e6)
     assert (big.training.train_micro_batch_size_per_gpu, big.training.gradient_accumulation_steps) == (2, 16)
     assert big.lr.lr == 5e-5 and big.training.train_iters == 12000
+
+
+def fixture_sets() -> list[list[str]]:
+    sets = []
+    for f in sorted(FIXTURES.glob("*.yml")):
+        has_model = re.search(r'"num[-_]layers"', f.read_text()) is not None
+        sets.append([f.name] if has_model else ["125M.yml", f.name])
+    return sets
+
+
+@pytest.mark.parametrize("names", fixture_sets(), ids=lambda n: n[-1])
+def test_every_neox_fixture_resolves(names, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    args = resolve(*names)  # world size planned on this machine, as deepy.py would
+    ds = DeepSpeedConfig(args.deepspeed_config())  # DeepSpeed's own parser accepts what we derived
+    assert ds.train_batch_size == args.training.train_batch_size
+
+
+def test_gqa_and_sliding_window_configs():
+    m = resolve("mistral_7B.yml").model
+    assert (m.num_kv_heads, m.intermediate_size, m.sliding_window_width, m.attention_type) == (8, 14336, 4096, "groupedquery")
+    big = resolve("llama2_70B.yml").model
+    assert (big.num_kv_heads, big.intermediate_size, big.rotary_emb_base) == (8, 28672, 1e6)  # Llama-2-70B's FFN
+    assert resolve("19M.yml").deepspeed_config()["comms_logger"]["enabled"] is True
