@@ -101,7 +101,8 @@ def fixture_sets() -> list[list[str]]:
     sets = []
     for f in sorted(FIXTURES.glob("*.yml")):
         has_model = re.search(r'"num[-_]layers"', f.read_text()) is not None
-        sets.append([f.name] if has_model else ["125M.yml", f.name])
+        partner = "llama_7B.yml" if f.name.startswith("llama_") else "125M.yml"  # NeoX pairs them this way
+        sets.append([f.name] if has_model else [partner, f.name])
     return sets
 
 
