@@ -62,7 +62,7 @@ def bare_loop(path: str, tok: SPMTokenizer) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def bench_preprocess(chars: int) -> list[dict]:
+def bench_preprocess(chars: int, worker_counts: list[int]) -> list[dict]:
     tok = SPMTokenizer(os.path.join(QUICKSTART, "tokenizer.model"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def bench_preprocess(chars: int) -> list[dict]:
         tokens, dt = bare_loop(path, tok)
         rows.append({"what": "bare loop (json.loads + tokenize, 1 process)", "docs": docs, "tokens": tokens,
                      "seconds": dt, "tokens_per_s": tokens / dt})
-        for workers in (1, 2):
+        for workers in worker_counts:
             stats = preprocess(path, os.path.join(tmp, f"w{workers}"), tok, append_eod=True, workers=workers,
                                progress=False)
             rows.append({"what": f"preprocess, workers={workers}", "docs": stats.docs, "tokens": stats.tokens,
@@ -128,13 +128,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chars", type=int, default=8_000_000, help="characters of text for preprocessing")
     p.add_argument("--tokens", type=float, default=1e9, help="tokens of the synthetic dataset for index building")
+    p.add_argument("--workers", default="1,2", help="comma-separated preprocessing worker counts")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "numpy": np.__version__, "loadavg": os.getloadavg()}
     print(json.dumps(meta))
-    pre = bench_preprocess(args.chars)
+    pre = bench_preprocess(args.chars, [int(w) for w in args.workers.split(",")])
     print("| run | documents | tokens | seconds | tokens/s |\n|---|---:|---:|---:|---:|")
     for r in pre:
         print(f"| {r['what']} | {r['docs']:,} | {r['tokens']:,} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} |")

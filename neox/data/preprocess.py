@@ -196,13 +196,23 @@ def _worker_encode(batch: list[Record]) -> list:
     return _worker_encoder.encode_batch(batch)
 
 
-def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+def _payload_bytes(rec: Record) -> int:
+    if isinstance(rec.payload, bytes):
+        return len(rec.payload)
+    return sum(len(v) for v in rec.payload.values() if isinstance(v, str))
+
+
+def _batches(records: Iterator[Record], size: int, max_bytes: int = 1 << 18) -> Iterator[list[Record]]:
+    """Groups of at most ``size`` records or ~``max_bytes`` of text: enough tasks to keep every
+    worker busy when documents are long, few enough to keep per-task overhead small."""
     batch: list[Record] = []
+    nbytes = 0
     for rec in records:
         batch.append(rec)
-        if len(batch) == size:
+        nbytes += _payload_bytes(rec)
+        if len(batch) == size or nbytes >= max_bytes:
             yield batch
-            batch = []
+            batch, nbytes = [], 0
     if batch:
         yield batch
 
