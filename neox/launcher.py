@@ -250,8 +250,10 @@ def launch(args: NeoXArgs, user_script: str, user_args: list[str] | None = None)
     cmd = build_launch_command(args, user_script, user_args)
     env = launch_env(args)
     env_file = None
-    if args.launcher.hostfile and "WANDB_API_KEY" in env:
+    if args.launcher.hostfile and parse_hostfile(args.launcher.hostfile) and "WANDB_API_KEY" in env:
         env_file = env["DS_ENV_FILE"] = _export_file(env, ["WANDB_API_KEY"])
+        # the runner logs its pdsh/mpirun command, exports included, at INFO: keep the key out of the log
+        cmd.insert(cmd.index("deepspeed.launcher.runner") + 1, "--log_level=warning")
     try:
         return subprocess.run(cmd, env=env).returncode
     except FileNotFoundError as err:

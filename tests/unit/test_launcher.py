@@ -150,3 +150,28 @@ def test_launcher_module_does_not_import_torch():
     code = "import sys, neox.launcher, neox.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_multi_node_key_goes_through_a_private_env_file(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    import neox.launcher as launcher
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
+    monkeypatch.setenv("WANDB_API_KEY", "multi-node-secret")
+    seen = {}
+
+    def fake_run(cmd, env):
+        seen["cmd"], seen["env_file"] = cmd, env["DS_ENV_FILE"]
+        seen["env_text"] = open(env["DS_ENV_FILE"]).read()
+        return sp.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(launcher.subprocess, "run", fake_run)
+    args = resolve(hostfile=str(hostfile))
+    assert launcher.launch(args, "train.py") == 0
+    assert "WANDB_API_KEY=multi-node-secret" in seen["env_text"]
+    assert "--log_level=warning" in seen["cmd"] and "multi-node-secret" not in " ".join(seen["cmd"])
+    import os
+
+    assert not os.path.exists(seen["env_file"])  # removed after the launch
