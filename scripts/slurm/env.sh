@@ -22,6 +22,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  
 # export NCCL_NET_GDR_LEVEL=PHB          # GPUDirect RDMA distance; leave unset unless told otherwise
 # export FI_PROVIDER=efa                 # AWS EFA clusters (with the aws-ofi-nccl plugin)
 
+_NEOX_SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"  # helpers live next to this file
 _NEOX_ENV_VARS="PATH LD_LIBRARY_PATH OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING GLOO_SOCKET_IFNAME \
 CUDA_DEVICE_MAX_CONNECTIONS HF_HOME HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE WANDB_MODE WANDB_DIR TMPDIR"
 
@@ -42,7 +43,7 @@ neox_setup() {
     NEOX_RUN_DIR="${NEOX_RUN_DIR:-$NEOX_ROOT/runs/slurm/${SLURM_JOB_NAME:-neox}-$SLURM_JOB_ID}"
     mkdir -p "$NEOX_RUN_DIR"
     NEOX_RUN_DIR="$(cd "$NEOX_RUN_DIR" && pwd)"
-    local helper="$NEOX_ROOT/scripts/slurm/make_hostfile.py"
+    local helper="$_NEOX_SLURM_DIR/make_hostfile.py"
     export DLTS_HOSTFILE="$NEOX_RUN_DIR/hostfile"
     "$NEOX_PYTHON" "$helper" --output "$DLTS_HOSTFILE" || return 2
     MASTER_ADDR="${MASTER_ADDR:-$("$NEOX_PYTHON" "$helper" --print master_addr)}" || return 2
@@ -95,7 +96,7 @@ _neox_requeue() {
 neox_launch() {
     neox_setup || return 2
     local plan
-    plan="$("$NEOX_PYTHON" "$NEOX_ROOT/scripts/slurm/job_config.py" --run-dir "$NEOX_RUN_DIR" \
+    plan="$("$NEOX_PYTHON" "$_NEOX_SLURM_DIR/job_config.py" --run-dir "$NEOX_RUN_DIR" \
         --hostfile "$DLTS_HOSTFILE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
         --slots "$NEOX_SLOTS" --num-nodes "$NEOX_NUM_NODES" "$@")" || {
         neox_log "could not read the config: see the error above"
