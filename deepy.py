@@ -24,6 +24,9 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("user_script", help="the script every rank runs, e.g. train.py")
     parser.add_argument("-d", "--conf_dir", default=None, help="directory the config paths are relative to")
     parser.add_argument("conf_file", nargs="+", help="NeoX YAML config files, merged left to right")
+    # the overrides GPT-NeoX's deepy.py accepts
+    parser.add_argument("--wandb_group", default=None, help="W&B group (overrides the config)")
+    parser.add_argument("--wandb_team", default=None, help="W&B team (overrides the config)")
     return parser.parse_args(argv)
 
 
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from neox.config import NeoXArgs
     from neox.launcher import build_launch_command, launch
 
-    args = NeoXArgs.from_ymls(cli.conf_file, conf_dir=cli.conf_dir)
+    overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
+    args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir)
     if cli.dry_run:
         report = {
             "args": args.to_flat(),

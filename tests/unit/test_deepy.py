@@ -64,3 +64,12 @@ def test_train_py_prints_one_line_errors():
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("neox: error: --neox_args:")
     assert out.stderr.count("\n") == 1
+
+
+def test_neox_cli_overrides(conf, capsys, monkeypatch):
+    import deepy
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert deepy.main(["--dry-run", "train.py", str(conf), "--wandb_group", "g1", "--wandb_team", "t1"]) == 0
+    flat = json.loads(capsys.readouterr().out)["args"]
+    assert (flat["wandb_group"], flat["wandb_team"]) == ("g1", "t1")
