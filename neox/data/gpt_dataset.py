@@ -17,6 +17,7 @@ process first takes a file lock, and memory-mapped by every other process and la
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -125,6 +126,16 @@ def _save_atomic(path: str, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _build_and_save(name: str, documents: np.ndarray, sizes: np.ndarray, num_samples: int, seq_length: int,
+                    seed: int, paths: list[str], stem: str) -> None:
+    start = time.perf_counter()
+    arrays = build_index_mappings(documents, sizes, num_samples, seq_length, seed)
+    for path, arr in zip(paths, arrays):
+        _save_atomic(path, arr)
+    logger.info("built %s index mappings (%d samples) in %.2f s: %s_*", name, len(arrays[2]),
+                time.perf_counter() - start, stem)
+
+
 def cached_index_mappings(name: str, data_prefix: str, documents: np.ndarray, sizes: np.ndarray,
                           num_samples: int, seq_length: int, seed: int,
                           cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,17 +145,18 @@ def cached_index_mappings(name: str, data_prefix: str, documents: np.ndarray, si
     stem = f"{base}_{name}_indexmap_{num_samples}ns_{seq_length}sl_{seed}s_{key}"
     paths = [f"{stem}_{part}_idx.npy" for part in ("doc", "sample", "shuffle")]
     with open(stem + ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            # Some network filesystems refuse flock. The build is deterministic and each file is
+            # renamed into place whole, so concurrent builders only duplicate work.
+            logger.warning("no file lock on %s.lock; building without one", stem)
         try:
             if not all(os.path.isfile(p) for p in paths):
-                start = time.perf_counter()
-                arrays = build_index_mappings(documents, sizes, num_samples, seq_length, seed)
-                for path, arr in zip(paths, arrays):
-                    _save_atomic(path, arr)
-                logger.info("built %s index mappings (%d samples) in %.2f s: %s_*", name,
-                            len(arrays[2]), time.perf_counter() - start, stem)
+                _build_and_save(name, documents, sizes, num_samples, seq_length, seed, paths, stem)
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
     try:
         doc_idx, sample_idx, shuffle_idx = (np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
     except (OSError, ValueError) as err:
