@@ -15,6 +15,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -297,12 +299,62 @@ def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, loa
         return None, manifest
     reason = _needs_module_only(engine, manifest) if load_optimizer else None
     if reason is not None:
-        client = _load_without_optimizer(engine, load_dir, tag, reason)
+        client = _load_universal(engine, load_dir, tag, reason) if _universal_ok(engine, manifest) else None
+        if client is None:
+            client = _load_without_optimizer(engine, load_dir, tag, reason)
     else:
         client = _ds_load(engine, load_dir, tag, load_optimizer_states=load_optimizer)
     if load_rng:
         _restore_rng(tag_dir, manifest)
     return client.get(CLIENT_KEY), manifest
+
+
+def _universal_ok(engine: Any, manifest: dict[str, Any] | None) -> bool:
+    """Whether DeepSpeed's universal checkpoint can reshard this ZeRO-1/2 optimizer state.
+
+    Only without tensor or pipeline parallelism: the converter would need DeepSpeed's
+    universal-checkpoint description of our TP-sliced parameters, which the model does not declare.
+    """
+    if manifest is None or manifest.get("optimizer") is False:
+        return False
+    saved, now = manifest["layout"], engine_layout(engine)
+    pipe_files = any(name.startswith("layer_") for name in manifest["files"])
+    return (saved.get("zero_stage") in (1, 2) and now["zero_stage"] in (1, 2) and not pipe_files
+            and saved.get("model_parallel_size") == 1 and now["model_parallel_size"] == 1
+            and not hasattr(engine, "num_stages"))
+
+
+def _load_universal(engine: Any, load_dir: str, tag: str, reason: str) -> dict[str, Any] | None:
+    """Reshard the ZeRO optimizer state through DeepSpeed's universal checkpoint; None if that failed."""
+    # The converter also writes 'latest_universal' next to its output: keep both in a scratch dir.
+    scratch = os.path.join(load_dir, f".{tag}.universal")
+    tag_dir, out = os.path.join(load_dir, tag), os.path.join(scratch, tag)
+    error = None
+    if _rank() == 0:
+        log.warning("%s: %s; converting to DeepSpeed's universal checkpoint to reshard the optimizer state",
+                    tag_dir, reason)
+        shutil.rmtree(scratch, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+               "--output_folder", out, "--inject_missing_state", "--num_extract_workers", "2",
+               "--num_merge_workers", "2"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+    errors = [e for e in _all_gather(error) if e]
+    client = None
+    if not errors:
+        config = engine._config
+        config.load_universal_checkpoint = True
+        try:
+            client = _ds_load(engine, scratch, tag)
+        finally:
+            config.load_universal_checkpoint = False
+    elif _rank() == 0:
+        log.warning("%s: universal-checkpoint conversion failed (%s)", tag_dir, errors[0][0])
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return client
 
 
 def _load_without_optimizer(engine: Any, load_dir: str, tag: str, reason: str) -> dict[str, Any]:

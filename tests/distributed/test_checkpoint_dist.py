@@ -31,6 +31,14 @@ def _params(engine) -> list[torch.Tensor]:
     return [p.detach().numpy().copy() for p in engine.module.parameters()]
 
 
+def _full_moments(engine) -> list:
+    """Adam's exp_avg / exp_avg_sq of every parameter, gathered from the ZeRO partitions."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return [safe_get_full_optimizer_state(p, key).numpy().copy()
+            for p in engine.module.parameters() for key in ("exp_avg", "exp_avg_sq")]
+
+
 def two_rank_resume(rank: int, world: int, root: str) -> dict:
     z1 = ToyArgs(CheckpointConfig(save=os.path.join(root, "z1"), load=os.path.join(root, "z1")))
     seed_all(100 + rank)
@@ -40,6 +48,7 @@ def two_rank_resume(rank: int, world: int, root: str) -> dict:
     first = toy_run(engine, state, 2)
     save_checkpoint(engine, z1, state, 2)
     saved_z1 = _params(engine)
+    z1_moments = _full_moments(engine)
     seed_all(7)
     engine2 = toy_engine(seed=3, zero=1, dp=2)
     loaded = load_checkpoint(engine2, z1)
@@ -53,7 +62,7 @@ def two_rank_resume(rank: int, world: int, root: str) -> dict:
     toy_run(e0, s0, 2)
     save_checkpoint(e0, z0, s0, 2)
     exp_avg = [e0.optimizer.state[p]["exp_avg"].numpy().copy() for p in e0.module.parameters()]
-    return {"ref": ref, "resumed": first + rest, "loaded": loaded_dict, "saved_z1": saved_z1,
+    return {"ref": ref, "resumed": first + rest, "loaded": loaded_dict, "saved_z1": saved_z1, "z1_moments": z1_moments,
             "saved_z0": _params(e0), "exp_avg_z0": exp_avg}
 
 
@@ -81,11 +90,15 @@ def test_two_ranks_resume_and_dp_change(tmp_path, caplog):
     one_z1 = toy_engine(seed=5, zero=1)
     with caplog.at_level(logging.WARNING):
         state = load_checkpoint(one_z1, ToyArgs(CheckpointConfig(load=os.path.join(root, "z1"))))
-    assert "saved at data-parallel size 2, loading at 1" in caplog.text
+    assert "saved at data-parallel size 2, loading at 1; converting to DeepSpeed's universal" in caplog.text
     assert state.iteration == 2 and one_z1.global_steps == 2 and one_z1.lr_scheduler.last_epoch == 2
     for a, b in zip(one_z1.module.parameters(), results[0]["saved_z1"]):
         assert torch.equal(a, torch.from_numpy(b))
-    toy_run(one_z1, state, 1)  # the fresh optimizer steps
+    # the ZeRO-partitioned Adam moments were resharded, not reset
+    for a, b in zip(_full_moments(one_z1), results[0]["z1_moments"]):
+        assert (a == b).all()
+    assert not [n for n in os.listdir(os.path.join(root, "z1")) if "universal" in n]  # temp dir cleaned
+    toy_run(one_z1, state, 1)
 
 
 def kill_child(rank: int, port: int, save_dir: str, flag: str) -> None:
