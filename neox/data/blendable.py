@@ -33,26 +33,45 @@ def weights_by_num_docs(num_docs: Sequence[int], alpha: float = 0.3) -> list[flo
     return [w / sum(weights) for w in weights] if sum(weights) > 0 else probs
 
 
-def blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _first_due(w: float, t: float) -> int:
+    """Smallest k with (k + 1/2) / w >= t, using the very float keys the merge compares."""
+    k = max(int(np.ceil(t * w - 0.5)), 0)
+    while k > 0 and (k - 1 + 0.5) / w >= t:
+        k -= 1
+    while (k + 0.5) / w < t:
+        k += 1
+    return k
+
+
+def blending_indices(weights: np.ndarray, size: int, window: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """(dataset of each sample, sample index within that dataset) for ``size`` samples.
 
     Like Megatron's greedy "serve the most under-served dataset" helper, the k-th sample of
-    dataset i comes at time (k + 1/2) / w_i; merging those times keeps every prefix of the
-    sequence within about one sample of its target counts, and is one vectorised sort.
+    dataset i comes at time (k + 1/2) / w_i; merging those times (ties to the lower dataset)
+    keeps every prefix within about one sample of its target counts. The merge is sorted one
+    time window at a time, so memory stays small for tens of millions of samples.
     """
     weights = np.asarray(weights, dtype=np.float64)
-    keys, owner, rank = [], [], []
-    for i, w in enumerate(weights):
-        if w <= 0:
-            continue
-        # A prefix of `size` merged samples holds at most w * (size + m / 2) + 1/2 of dataset i.
-        k = np.arange(int(np.ceil(w * (size + len(weights)))) + 2, dtype=np.int64)
-        keys.append((k + 0.5) / w)
-        owner.append(np.full(len(k), i, dtype=np.int64))
-        rank.append(k)
-    order = np.argsort(np.concatenate(keys), kind="stable")[:size]
-    dataset_index = np.concatenate(owner)[order]
-    sample_index = np.concatenate(rank)[order]
+    live = [i for i, w in enumerate(weights) if w > 0]
+    dataset_index = np.empty(size, dtype=np.int16 if len(weights) < 2**15 else np.int64)
+    sample_index = np.empty(size, dtype=np.int64)
+    filled, t0 = 0, 0.0
+    lo = {i: 0 for i in live}
+    while filled < size:
+        t1 = t0 + window / weights[live].sum()
+        keys, owner, rank = [], [], []
+        for i in live:
+            hi = _first_due(weights[i], t1)
+            k = np.arange(lo[i], hi, dtype=np.int64)
+            keys.append((k + 0.5) / weights[i])
+            owner.append(np.full(len(k), i, dtype=np.int64))
+            rank.append(k)
+            lo[i] = hi
+        order = np.argsort(np.concatenate(keys), kind="stable")[: size - filled]
+        n = len(order)
+        dataset_index[filled:filled + n] = np.concatenate(owner)[order]
+        sample_index[filled:filled + n] = np.concatenate(rank)[order]
+        filled, t0 = filled + n, t1
     return dataset_index, sample_index
 
 

@@ -45,8 +45,9 @@ def test_blend_tracks_weights_like_megatron(weights):
     assert np.abs(ours_cum - ref_cum).max() <= 2
     for i in range(len(w)):  # each dataset is read in order 0, 1, 2, ...
         np.testing.assert_array_equal(sample[ours == i], np.arange(counts[i]))
-    again = blending_indices(w, size)
+    again = blending_indices(w, size, window=613)  # merged a window at a time: the same sequence
     np.testing.assert_array_equal(again[0], ours)
+    np.testing.assert_array_equal(again[1], sample)
 
 
 def test_blendable_dataset_routes_items():
