@@ -33,7 +33,11 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
     from neox.config import NeoXArgs
+    from neox.errors import ConfigError
     from neox.launcher import build_launch_command, launch
+
+    if not os.path.isfile(cli.user_script):
+        raise ConfigError(f"{cli.user_script}: user script not found")
 
     overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
     args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir)

@@ -52,6 +52,11 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     assert out.stdout == ""
 
 
+def test_missing_user_script(conf):
+    out = run_deepy("--dry-run", "no_such_script.py", str(conf))
+    assert out.returncode == 2 and out.stderr == "neox: error: no_such_script.py: user script not found\n"
+
+
 def test_neox_debug_shows_the_traceback(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text('{"num_layer": 2}')
