@@ -111,6 +111,14 @@ def bench_index(total_tokens: int) -> list[dict]:
     return rows
 
 
+def bench_blend(size: int = 50_000_000) -> dict:
+    from neox.data.blendable import blending_indices
+
+    start = time.perf_counter()
+    blending_indices(np.array([0.5, 0.3, 0.15, 0.05]), size)
+    return {"samples": size, "datasets": 4, "seconds": time.perf_counter() - start}
+
+
 def bench_reads(n: int = 20_000, seq_length: int = 2048) -> dict:
     prefix = os.path.join(QUICKSTART, "pystdlib_train_text_document")
     ds = MMapIndexedDataset(prefix)
@@ -145,12 +153,14 @@ def main() -> int:
     for r in idx:
         print(f"| {r['tokens']:,} | {r['documents']:,} | {r['seq_length']} | {r['epochs']} | {r['samples']:,} | "
               f"{r['build_s']:.2f} | {r['build_and_cache_s']:.2f} | {r['load_cached_s']:.3f} |")
+    blend = bench_blend()
+    print(f"\nBlending index for {blend['samples']:,} samples of {blend['datasets']} datasets: {blend['seconds']:.2f} s")
     reads = bench_reads()
     print(f"\nGPTDataset reads: {reads['samples_per_s']:,.0f} samples/s of {reads['seq_length'] + 1} tokens "
           f"({reads['tokens_per_s']:,.0f} tokens/s, one process)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "preprocess": pre, "index": idx, "reads": reads}, f, indent=1)
+            json.dump({"meta": meta, "preprocess": pre, "index": idx, "blend": blend, "reads": reads}, f, indent=1)
     return 0
 
 
