@@ -54,7 +54,7 @@ def blending_indices(weights: np.ndarray, size: int, window: int = 1 << 20) -> t
     weights = np.asarray(weights, dtype=np.float64)
     live = [i for i, w in enumerate(weights) if w > 0]
     dataset_index = np.empty(size, dtype=np.int16 if len(weights) < 2**15 else np.int64)
-    sample_index = np.empty(size, dtype=np.int64)
+    sample_index = np.empty(size, dtype=np.int32 if size < 2**31 else np.int64)
     filled, t0 = 0, 0.0
     lo = {i: 0 for i in live}
     while filled < size:
