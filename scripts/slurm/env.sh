@@ -9,6 +9,8 @@
 #   NEOX_RUN_DIR       shared directory for this job's hostfile, config fragment, STOP file, events.log
 #   NEOX_TRAIN_SCRIPT  the per-rank entry point (default: train.py)
 #   NEOX_SLOTS         ranks per node (default: GPUs per node from SLURM, else tasks per node, else 1)
+#   NEOX_MASTER_ADDR   rendezvous host (default: the job's first node)
+#   NEOX_MASTER_PORT   rendezvous port (default: 20000 + job id mod 12000)
 #   NEOX_MAX_REQUEUES  stop requeueing after this many restarts (default: 50)
 #   NEOX_EXPORT_VARS   extra variable names to hand to ranks started over ssh (hostfile path)
 
@@ -46,15 +48,20 @@ neox_setup() {
     local helper="$_NEOX_SLURM_DIR/make_hostfile.py"
     export DLTS_HOSTFILE="$NEOX_RUN_DIR/hostfile"
     "$NEOX_PYTHON" "$helper" --output "$DLTS_HOSTFILE" || return 2
-    MASTER_ADDR="${MASTER_ADDR:-$("$NEOX_PYTHON" "$helper" --print master_addr)}" || return 2
-    MASTER_PORT="${MASTER_PORT:-$("$NEOX_PYTHON" "$helper" --print master_port)}" || return 2
+    # Computed, not inherited: sbatch copies the submitting shell's environment into the job.
+    MASTER_ADDR="${NEOX_MASTER_ADDR:-$("$NEOX_PYTHON" "$helper" --print master_addr)}" || return 2
+    MASTER_PORT="${NEOX_MASTER_PORT:-$("$NEOX_PYTHON" "$helper" --print master_port)}" || return 2
     NEOX_NUM_NODES="$(grep -c . "$DLTS_HOSTFILE")"
     NEOX_SLOTS="$(head -n1 "$DLTS_HOSTFILE" | sed 's/.*slots=//')"
     export MASTER_ADDR MASTER_PORT
+    # srun no longer inherits sbatch's --cpus-per-task (Slurm >= 22.05): without this, each srun rank
+    # gets one CPU and data loading / host-side work crawl.
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"; fi
     # Ranks started over ssh (hostfile path) get a fresh login environment; DeepSpeed's runner
     # exports NCCL_*/PYTHON* itself and everything listed in the file named by DS_ENV_FILE.
+    # DeepSpeed reads only this file while DS_ENV_FILE names it, so the user's own files come first.
     export DS_ENV_FILE="$NEOX_RUN_DIR/deepspeed_env"
-    : >"$DS_ENV_FILE"
+    cat "$HOME/.deepspeed_env" "$NEOX_ROOT/.deepspeed_env" 2>/dev/null | grep '=' >"$DS_ENV_FILE"
     local name
     for name in $_NEOX_ENV_VARS ${NEOX_EXPORT_VARS:-}; do
         if [[ -n "${!name:-}" ]]; then echo "$name=${!name}" >>"$DS_ENV_FILE"; fi

@@ -97,9 +97,13 @@ def plan_job(
     save = user.get("save") or None
     if save is None:
         notes.append("save: not set, so a preempted or timed-out job cannot resume")
-    elif user.get("load") in (None, "") and os.path.isfile(os.path.join(str(save), "latest")):
-        overrides["load"] = str(save)
-        notes.append(f"load: resuming from {save} (tag in {os.path.join(str(save), 'latest')})")
+    elif os.path.isfile(os.path.join(str(save), "latest")):
+        if user.get("load") in (None, ""):
+            overrides["load"] = str(save)
+            notes.append(f"load: resuming from {save} (tag in {os.path.join(str(save), 'latest')})")
+        elif os.path.abspath(str(user["load"])) != os.path.abspath(str(save)):
+            notes.append(f"load: the config loads {user['load']}, so the checkpoints of this run in {save} "
+                         "are not resumed (drop load from the config to resume them)")
     return JobPlan(mode=mode, overrides=overrides, kill_switch=kill_switch, save=save, notes=notes)
 
 

@@ -144,7 +144,8 @@ def test_plan_resumes_from_save_once_latest_exists(tmp_path):
     ckpt.mkdir()
     (ckpt / "latest").write_text("global_step10")
     assert _plan(user, tmp_path).overrides["load"] == str(ckpt)
-    assert "load" not in _plan({**user, "load": "/base/model"}, tmp_path).overrides  # the user's load wins
+    mine = _plan({**user, "load": "/base/model"}, tmp_path)
+    assert "load" not in mine.overrides and any("are not resumed" in n for n in mine.notes)  # the user's wins
 
 
 def test_plan_keeps_the_users_kill_switch(tmp_path):
