@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from neox.checkpoint import local
-from neox.checkpoint.s3 import S3Settings, S3Uploader, default_cache_dir, download_latest, is_s3_url
+from neox.checkpoint.s3 import S3Settings, S3Uploader, default_cache_dir, download_latest, is_s3_url, scrub
 from neox.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _fetch_s3(url: str, save_dir: str | None) -> str:
         except CheckpointError as err:
             error = str(err)
         except Exception as err:  # noqa: BLE001 - boto errors become one line, on every rank
-            error = f"{url}: download failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            error = f"{url}: download failed: {type(err).__name__}: {scrub(str(err))}"
     errors = [e for e in local._all_gather(error) if e]
     if errors:
         raise CheckpointError(errors[0])
@@ -111,9 +111,11 @@ def load_checkpoint(engine: Any, args: Any, *,
             log.warning("load=%s: no checkpoint found; starting from scratch", ck.load)
         return None
     load_dir, tag = resolved
+    # NEOX_CHECKPOINT_VERIFY=size skips the checksums (sizes only) where re-reading every file costs too much
+    checksums = os.environ.get("NEOX_CHECKPOINT_VERIFY", "full").lower() != "size"
     client, manifest = local.load(engine, load_dir, tag, module_only=ck.finetune,
                                   load_optimizer=not ck.no_load_optim,
-                                  load_rng=not (ck.no_load_rng or ck.finetune))
+                                  load_rng=not (ck.no_load_rng or ck.finetune), checksums=checksums)
     if ck.finetune:
         state = TrainState()
     elif client and "train_state" in client:

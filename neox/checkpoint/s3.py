@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 
 _PERMANENT_CODES = {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                     "InvalidBucketName", "AllAccessDisabled", "AccountProblem"}
+
+
+def scrub(message: str) -> str:
+    """``message`` without URLs (endpoints, presigned queries), cut to one short line, for logs."""
+    line = (message.splitlines() or [""])[0]
+    return re.sub(r"[a-z][a-z0-9+.-]*://[^\s\"']+", lambda m: m.group(0) if m.group(0).startswith("s3://")
+                  else "<endpoint>", line)[:300]
 
 
 def is_s3_url(path: str | None) -> bool:
@@ -198,7 +206,7 @@ class S3Uploader:
         except Exception as err:  # noqa: BLE001 - training continues; the failure is reported
             self.failed.append(tag)
             log.error("s3 upload of %s to %s failed after retries: %s: %s", tag, self.url, type(err).__name__,
-                      str(err).splitlines()[0][:300] if str(err) else "")
+                      scrub(str(err)))
             return
         secs = max(time.monotonic() - start, 1e-9)
         self.uploaded.append(tag)

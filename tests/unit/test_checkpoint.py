@@ -194,6 +194,10 @@ def test_keep_last_n_and_chosen_iteration(tmp_path):
         state.iteration = it
         save_checkpoint(engine, args, state, it)
     assert [t for _, t in local.list_tags(args.checkpoint.save)] == ["global_step3", "global_step4"]
+    state.consumed_train_samples = 99  # re-saving an existing iteration replaces it whole
+    save_checkpoint(engine, args, state, 4)
+    assert sorted(os.listdir(args.checkpoint.save)) == ["global_step3", "global_step4", "latest"]
+    assert load_checkpoint(toy_engine(), args).consumed_train_samples == 99
     # load a chosen iteration by naming its directory
     pick = ToyArgs(CheckpointConfig(load=os.path.join(args.checkpoint.save, "global_step3")))
     assert load_checkpoint(toy_engine(), pick).iteration == 3

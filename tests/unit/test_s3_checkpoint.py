@@ -7,6 +7,7 @@ independent reference is what moto stores (listed and fetched back with a plain 
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import shutil
@@ -140,7 +141,10 @@ def s3(moto_server, monkeypatch):
     bucket = f"b{time.monotonic_ns()}"
     direct.create_bucket(Bucket=bucket)
     yield proxy, direct, bucket
-    proxy.close()
+    try:
+        proxy.close()
+    except OSError:
+        pass
 
 
 def _fake_tag(root, tag: str, big: int) -> dict[str, bytes]:
@@ -187,7 +191,16 @@ def test_permanent_failure_is_reported_not_raised(tmp_path, s3, caplog):
         assert up.wait(60)
     assert up.failed == ["global_step1"]
     assert "s3 upload of global_step1 to s3://no-such-bucket-neox/x failed" in caplog.text
-    assert SECRET not in caplog.text
+    # an endpoint that refuses connections: retried, then reported without the endpoint URL
+    proxy.close()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        up = S3Uploader(f"s3://{bucket}/x", dataclasses.replace(FAST, attempts=2, botocore_attempts=1))
+        up.enqueue(str(tmp_path), "global_step1")
+        assert up.wait(60)
+    assert up.failed == ["global_step1"] and "EndpointConnectionError" in caplog.text
+    assert "retrying" in caplog.text and "<endpoint>" in caplog.text
+    assert SECRET not in caplog.text and proxy.url.split("//")[1] not in caplog.text
 
 
 def test_resume_from_s3_url_alone(tmp_path, s3, monkeypatch):
