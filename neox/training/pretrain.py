@@ -94,6 +94,17 @@ def compile_blocks(model: torch.nn.Module, args: NeoXArgs, device: torch.device)
     return model
 
 
+def training_loss_fn(args: NeoXArgs, device: torch.device, loss_fn: Any) -> Any:
+    """The loss, compiled with ``torch_compile`` on a GPU at tensor-parallel size 1.
+
+    Compiled, the fp32 upcast, log-softmax and target gather fuse into one pass over the bf16
+    logits instead of materialising fp32 logits for the whole micro-batch.
+    """
+    if args.model.torch_compile and device.type == "cuda" and args.parallel.model_parallel_size == 1:
+        return torch.compile(loss_fn)
+    return loss_fn
+
+
 def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -> tuple[Any, AnnealingLR]:
     """deepspeed.initialize with our optimizer, schedule and mpu (the pipe engine uses its own grid)."""
     import deepspeed
@@ -175,7 +186,8 @@ def pretrain(args: NeoXArgs) -> TrainResult:
                            run_config=args.to_flat() if args.logging.use_wandb else None, enabled=rank0)
     stop = StopRequests(args.training.kill_switch_path)
     stop.install()
-    ctx = TrainContext(args=args, engine=engine, device=device, loss_fn=lm_loss, eod=tokenizer.eod,
+    ctx = TrainContext(args=args, engine=engine, device=device, loss_fn=training_loss_fn(args, device, lm_loss),
+                       eod=tokenizer.eod,
                        logger=logger, stop=stop, save_fn=_save_fn(engine, args, validation_fn) if args.checkpoint.save else None,
                        peak_tflops=flops.peak_tflops(_device_name(device)))
     if rank0:
