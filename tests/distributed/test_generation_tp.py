@@ -1,12 +1,14 @@
 """TP 2 on 2 gloo ranks: a converted Meta checkpoint gives transformers' logits and greedy tokens, and
 DeepSpeed's ``load_checkpoint(load_module_only=True)`` (through neox.checkpoint.local) accepts it, in the
-plain layout at TP 2 and in the pipeline layout at PP 2."""
+plain layout at TP 2 and in the pipeline layout at PP 2; a checkpoint pretrain() saves reads back."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tests.distributed.launch import run_distributed
 from tests.unit.test_convert_meta import VOCAB, make_meta_checkpoint, model_cfg, reference_llama, tool
@@ -14,7 +16,7 @@ from tests.unit.test_convert_meta import VOCAB, make_meta_checkpoint, model_cfg,
 PROMPT = [5, 17, 99, 3, 64, 2]
 
 
-def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str) -> dict:
+def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str, tmp: str) -> dict:
     import deepspeed
 
     from megatron_core import parallel_state
@@ -49,7 +51,34 @@ def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str) -> dict:
     out["deepspeed_load_equal"] = all(torch.equal(t, mine[n]) for n, t in engine.module.state_dict().items())
     parallel_state.destroy_model_parallel()
     out["pipe_load_equal"] = _pipe_load(pipe_ckpt, cfg, mine_full)
+    out["trained"] = _read_trained(tmp)
     return out
+
+
+def _read_trained(tmp: str) -> bool:
+    """A checkpoint pretrain() saves at TP 2 (bf16, ZeRO-1) reads back as DeepSpeed itself loads it."""
+    from megatron_core import parallel_state
+    from neox.checkpoint import local
+    from neox.config import NeoXArgs
+    from neox.generation import load_weights
+    from neox.model import GPTModel
+    from neox.training.pretrain import build_engine, pretrain
+    from tests.distributed.test_train_parity import make_corpus, tiny_flat
+
+    prefix = make_corpus(Path(tmp)) if dist.get_rank() == 0 else str(Path(tmp) / "tiny_text_document")
+    dist.barrier()
+    flat = tiny_flat(prefix, train_iters=2, save=f"{tmp}/trained", checkpoint_factor=2, model_parallel_size=2,
+                     bf16={"enabled": True}, zero_optimization={"stage": 1}, num_kv_heads=2)
+    args = NeoXArgs.from_flat(flat, world_size=2)
+    pretrain(args)
+    ours = GPTModel(args.model)
+    load_weights(ours, f"{tmp}/trained", args.model)
+    engine, _ = build_engine(args, GPTModel(args.model, seed=7), torch.device("cpu"))
+    local.load(engine, f"{tmp}/trained", "global_step2", module_only=True)
+    theirs = engine.module.state_dict()
+    ok = all(torch.equal(t, theirs[n].float()) for n, t in ours.state_dict().items())
+    parallel_state.destroy_model_parallel()
+    return ok
 
 
 def _pipe_load(ckpt: str, cfg, full: dict) -> bool:
@@ -86,11 +115,11 @@ def test_tp2_logits_generation_and_deepspeed_load(tmp_path):
                               pad_token_id=0)[0, len(PROMPT):].tolist()
     tool("reshard_checkpoint").reshard(tmp_path / "ckpt", model_cfg(padded_vocab_size=2 * VOCAB), tmp_path / "pipe",
                                        1, 2, progress=False)
-    results = run_distributed(_tp2_worker, 2, str(tmp_path / "ckpt"), str(tmp_path / "pipe"))
+    results = run_distributed(_tp2_worker, 2, str(tmp_path / "ckpt"), str(tmp_path / "pipe"), str(tmp_path))
     for r in results:
         assert (r["logits"] - want).abs().max().item() < 1e-5
         assert r["greedy_True"] == greedy and r["greedy_False"] == greedy
         assert r["sampled_True"] == r["sampled_False"]
-        assert r["deepspeed_load_equal"] and r["pipe_load_equal"]
+        assert r["deepspeed_load_equal"] and r["pipe_load_equal"] and r["trained"]
     # the ranks seeded their samplers differently; the broadcast from TP rank 0 keeps them in step
     assert results[0]["sampled_True"] == results[1]["sampled_True"]
