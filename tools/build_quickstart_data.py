@@ -80,6 +80,12 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _spm_version() -> str:
+    import sentencepiece
+
+    return sentencepiece.__version__
+
+
 def build(out_dir: str, source_root: str, max_chars: int, vocab_size: int, valid_every: int, workers: int) -> dict:
     from tools.train_tokenizer import train
 
@@ -103,7 +109,8 @@ def build(out_dir: str, source_root: str, max_chars: int, vocab_size: int, valid
     outputs = sorted(f for f in os.listdir(out_dir) if f.endswith((".bin", ".idx", ".model")))
     manifest = {
         "source": "Python standard library .py files (PSF License)",
-        "python": platform.python_version(), "source_root": source_root, "max_chars": max_chars,
+        "python": platform.python_version(), "sentencepiece": _spm_version(), "source_root": source_root,
+        "max_chars": max_chars,
         "vocab_size": vocab_size, "valid_every": valid_every, "counts": counts,
         "files": picked["files"], "sha256": {f: _sha256(os.path.join(out_dir, f)) for f in outputs},
     }

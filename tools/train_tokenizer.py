@@ -48,15 +48,18 @@ def iter_sentences(inputs: str, keys: list[str], max_chars: int) -> Iterator[str
 def train(inputs: str, model_prefix: str, vocab_size: int, *, keys: tuple[str, ...] = ("text",),
           model_type: str = "bpe", input_sentence_size: int = 2_000_000, num_threads: int = 2,
           user_defined_symbols: tuple[str, ...] = (), max_sentence_length: int = 4192) -> str:
-    """Train and return the path of ``{model_prefix}.model``."""
+    """Train and return the path of ``{model_prefix}.model`` (byte-identical for identical input)."""
+    import io
+
     import sentencepiece as spm
     from tqdm import tqdm
 
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     lines = tqdm(iter_sentences(inputs, list(keys), max_sentence_length), unit="line", desc="reading", leave=False)
+    # Written through model_writer so the model does not embed a temporary path: rebuilds match.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=0.9999, byte_fallback=True, split_digits=True,
         allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", max_sentence_length=max_sentence_length,
@@ -64,6 +67,12 @@ def train(inputs: str, model_prefix: str, vocab_size: int, *, keys: tuple[str, .
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=list(user_defined_symbols),
         minloglevel=2,
     )
+    with open(model_prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with open(model_prefix + ".vocab", "w", encoding="utf-8") as f:
+        for i in range(sp.get_piece_size()):
+            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
     return model_prefix + ".model"
 
 

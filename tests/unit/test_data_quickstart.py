@@ -52,3 +52,18 @@ def test_builder_runs_offline_on_a_small_budget(tmp_path, capsys):
     assert all("test" not in f.split(os.sep)[:-1] for f in manifest["files"]["train"])
     ds = MMapIndexedDataset(os.path.join(out, "pystdlib_train_text_document"))
     assert int(ds.sizes.sum()) == manifest["counts"]["train"]["tokens"]
+
+
+def test_rebuild_is_byte_identical(tmp_path):
+    import sentencepiece
+
+    from tools.build_quickstart_data import build
+
+    manifest = json.load(open(os.path.join(QS, "manifest.json")))
+    same = (platform.python_version() == manifest["python"] and sentencepiece.__version__ == manifest["sentencepiece"]
+            and os.path.isdir(manifest["source_root"]))
+    if not same:
+        pytest.skip("another Python / sentencepiece: the corpus is rebuilt differently")
+    rebuilt = build(str(tmp_path), manifest["source_root"], manifest["max_chars"], manifest["vocab_size"],
+                    manifest["valid_every"], workers=2)
+    assert rebuilt["sha256"] == manifest["sha256"]
