@@ -88,7 +88,7 @@ def check_hf_config(conf: dict[str, Any], cfg: Any, source: str) -> None:
     if llama and conf.get("head_dim") not in (None, conf["hidden_size"] // nh):
         raise ConfigError(f"{source}: head_dim {conf['head_dim']} != hidden_size / num_attention_heads; not supported")
     actual = {k: (keys.num_kv_heads(cfg) if k == "num_kv_heads" else getattr(cfg, k)) for k in expected}
-    bad = [f"{k}: config.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
+    bad = [f"{keys.describe_key(k)}: config.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (abs(float(actual[k]) - v) > 1e-9 * max(1.0, abs(v)) if isinstance(v, float) else actual[k] != v)]
     if llama and not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
         bad.append(f"mlp_type/activation: LLaMA needs a gated silu MLP, config has {cfg.mlp_type}/{cfg.activation}")

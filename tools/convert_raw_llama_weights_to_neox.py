@@ -67,7 +67,7 @@ def check_params(params: dict[str, Any], cfg: Any, vocab_rows: int, source: str)
     }
     actual = {k: getattr(cfg, k) for k in expected}
     actual["num_kv_heads"] = keys.num_kv_heads(cfg)
-    bad = [f"{k}: params.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
+    bad = [f"{keys.describe_key(k)}: params.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (actual[k] != v if not isinstance(v, float) else abs(float(actual[k]) - v) > 1e-12 * max(1.0, abs(v)))]
     if not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
         bad.append(f"mlp_type/activation: LLaMA needs a gated silu MLP, config has {cfg.mlp_type}/{cfg.activation}")

@@ -60,6 +60,14 @@ def ffn_size(cfg: Any) -> int:
     return model_ffn_size(cfg)
 
 
+def describe_key(key: str) -> str:
+    """A config key as error messages name it (intermediate_size is compared after NeoX's derivation)."""
+    if key == "intermediate_size":
+        return "intermediate_size (per MLP branch after derivation; with activation: swiglu NeoX derives it as " \
+               "round_up(int(intermediate_size * 2/3) // 2, mlp_multiple_of))"
+    return key
+
+
 def qkv_sizes(cfg: Any) -> tuple[int, int, int]:
     """Rows of Q, K and V in the full fused qkv tensor."""
     d = head_dim(cfg)
