@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +64,21 @@ def _finish(proc: subprocess.Popen, out: Path) -> int:
         raise AssertionError(f"job timed out; its output:\n{out.read_text()[-4000:]}") from None
 
 
+def _free_job_id(avoid: int = -1) -> int:
+    """A job id whose derived master port (20000 + id mod 12000) is free now."""
+    for _ in range(100):
+        job_id = random.randrange(1000, 12000)
+        if job_id == avoid:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port in 20000-32000")
+
+
 def _losses(log_dir: Path) -> dict[int, float]:
     records = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {r["iteration"]: r["lm_loss"] for r in records if "split" not in r}
@@ -85,8 +102,10 @@ def jobs(tmp_path_factory) -> dict[str, Any]:
         e["NEOX_RUN_DIR"] = str(tmp / f"run_{name}")
         return e
 
-    one = _start("neox_1node.sbatch", [base, one_cfg], env("one", 7001, "gpu07", 2), tmp / "one.out")
-    two_env = env("two", 7002, "node[01-02]", 1)
+    one_id = _free_job_id()
+    two_id = _free_job_id(avoid=one_id)
+    one = _start("neox_1node.sbatch", [base, one_cfg], env("one", one_id, "gpu07", 2), tmp / "one.out")
+    two_env = env("two", two_id, "node[01-02]", 1)
     two = _start("neox_multinode.sbatch", [base, two_cfg], two_env, tmp / "two.out")
     # SLURM's warning, once the script has installed its trap and started the launcher
     _wait_for(tmp / "run_two" / "events.log", "launch (hostfile)", two)
@@ -97,7 +116,8 @@ def jobs(tmp_path_factory) -> dict[str, Any]:
     again = _start("neox_multinode.sbatch", [base, two_cfg], {**two_env, "SLURM_RESTART_COUNT": "1"},
                    tmp / "requeued.out")
     rc["requeued"] = _finish(again, tmp / "requeued.out")
-    return {"tmp": tmp, "rc": rc, "first_losses": first_losses, "latest_after_stop": latest_after_stop}
+    return {"tmp": tmp, "rc": rc, "first_losses": first_losses, "latest_after_stop": latest_after_stop,
+            "ids": {"one": one_id, "two": two_id}}
 
 
 def _ok(jobs: dict[str, Any], name: str) -> None:
@@ -116,7 +136,7 @@ def test_srun_path_records_and_trains(jobs):
     [srun] = read_calls(tmp / "one_calls.jsonl", "srun")
     assert "--ntasks=2" in srun["argv"] and "--nodes=1" in srun["argv"] and "--export=ALL" in srun["argv"]
     assert srun["command"][1:3] == ["-u", "train.py"]
-    assert srun["env"]["MASTER_ADDR"] == "127.0.0.1" and srun["env"]["MASTER_PORT"] == str(20000 + 7001)
+    assert srun["env"]["MASTER_ADDR"] == "127.0.0.1" and srun["env"]["MASTER_PORT"] == str(20000 + jobs["ids"]["one"])
     config = _decode_config(srun["command"])  # what every rank received
     assert config["deepspeed_slurm"] is True and config["world_size"] == 2
     assert config["kill_switch_path"] == str(tmp / "run_one" / "STOP")
@@ -134,7 +154,7 @@ def test_hostfile_path_runs_two_nodes_through_deepspeed_runner(jobs):
     assert pdsh and pdsh[0]["hosts"] == ["node01", "node02"]
     command = " ".join(pdsh[0]["argv"])
     assert "deepspeed.launcher.launch" in command and "--node_rank=%n" in command
-    assert "--master_addr=127.0.0.1" in command and f"--master_port={20000 + 7002}" in command
+    assert "--master_addr=127.0.0.1" in command and f"--master_port={20000 + jobs['ids']['two']}" in command
     assert not read_calls(tmp / "two_calls.jsonl", "srun")
 
 
@@ -144,9 +164,10 @@ def test_usr1_saves_and_requeues(jobs):
     assert jobs["latest_after_stop"] == "global_step1"
     assert sorted(jobs["first_losses"]) == [1]
     requeues = [c["argv"] for c in read_calls(tmp / "two_calls.jsonl", "scontrol") if c["argv"][0] == "requeue"]
-    assert requeues == [["requeue", "7002"]]
+    two_id = str(jobs["ids"]["two"])
+    assert requeues == [["requeue", two_id]]
     events = (tmp / "run_two" / "events.log").read_text()
-    assert "got SIGUSR1" in events and "requeueing job 7002" in events
+    assert "got SIGUSR1" in events and f"requeueing job {two_id}" in events
 
 
 def test_requeued_job_resumes_to_the_one_node_losses(jobs):
