@@ -87,7 +87,8 @@ def check_hf_config(conf: dict[str, Any], cfg: Any, source: str) -> None:
                              "partial_rotary_factor", conf.get("rotary_pct", 0.25)))})
     if llama and conf.get("head_dim") not in (None, conf["hidden_size"] // nh):
         raise ConfigError(f"{source}: head_dim {conf['head_dim']} != hidden_size / num_attention_heads; not supported")
-    actual = {k: (keys.num_kv_heads(cfg) if k == "num_kv_heads" else getattr(cfg, k)) for k in expected}
+    actual = {k: getattr(cfg, k) for k in expected if k not in ("num_kv_heads", "use_bias_in_mlp")}
+    actual.update(num_kv_heads=keys.num_kv_heads(cfg), use_bias_in_mlp=keys.mlp_has_bias(cfg))
     bad = [f"{keys.describe_key(k)}: config.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (abs(float(actual[k]) - v) > 1e-9 * max(1.0, abs(v)) if isinstance(v, float) else actual[k] != v)]
     if llama and not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):

@@ -56,7 +56,7 @@ def llama_config(cfg: Any, vocab_size: int, dtype: torch.dtype) -> dict[str, Any
         "rms_norm_eps": cfg.rms_norm_epsilon, "rope_theta": theta, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "tie_word_embeddings": not cfg.no_weight_tying, "attention_bias": cfg.use_bias_in_attn_linear,
-        "mlp_bias": cfg.use_bias_in_mlp, "attention_dropout": 0.0, "initializer_range": cfg.init_method_std,
+        "mlp_bias": keys.mlp_has_bias(cfg), "attention_dropout": 0.0, "initializer_range": cfg.init_method_std,
         "bos_token_id": 1, "eos_token_id": 2, "use_cache": True,
         "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
     }
@@ -67,7 +67,7 @@ def gpt_neox_config(cfg: Any, vocab_size: int, dtype: torch.dtype) -> dict[str, 
     if cfg.norm != "layernorm" or keys.is_gated(cfg) or cfg.activation not in ("gelu", "relu"):
         raise ConfigError(f"norm/mlp_type/activation: GPTNeoXForCausalLM needs layernorm and a gelu/relu MLP, "
                           f"config has {cfg.norm}/{cfg.mlp_type}/{cfg.activation}")
-    if not (cfg.use_bias_in_mlp and cfg.use_bias_in_norms) or cfg.pos_emb != "rotary":
+    if not (keys.mlp_has_bias(cfg) and cfg.use_bias_in_norms) or cfg.pos_emb != "rotary":
         raise ConfigError("use_bias_in_mlp/use_bias_in_norms/pos_emb: GPTNeoXForCausalLM needs MLP and norm biases "
                           "and rotary positions")
     theta, pct = float(cfg.rotary_emb_base), float(cfg.rotary_pct)

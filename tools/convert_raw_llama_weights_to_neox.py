@@ -66,7 +66,7 @@ def check_params(params: dict[str, Any], cfg: Any, vocab_rows: int, source: str)
         "use_bias_in_mlp": False,
     }
     actual = {k: getattr(cfg, k) for k in expected}
-    actual["num_kv_heads"] = keys.num_kv_heads(cfg)
+    actual.update(num_kv_heads=keys.num_kv_heads(cfg), use_bias_in_mlp=keys.mlp_has_bias(cfg))
     bad = [f"{keys.describe_key(k)}: params.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (actual[k] != v if not isinstance(v, float) else abs(float(actual[k]) - v) > 1e-12 * max(1.0, abs(v)))]
     if not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):

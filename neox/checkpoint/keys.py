@@ -41,6 +41,11 @@ def is_gated(cfg: Any) -> bool:
     return cfg.mlp_type == "llama" or cfg.activation in GATED_ACTIVATIONS
 
 
+def mlp_has_bias(cfg: Any) -> bool:
+    """NeoX's LLaMA MLP has no biases whatever use_bias_in_mlp says (as neox.model.mlp)."""
+    return cfg.use_bias_in_mlp and cfg.mlp_type != "llama"
+
+
 def num_kv_heads(cfg: Any) -> int:
     if getattr(cfg, "attention_type", "multihead") == "multiquery":
         return 1
@@ -93,7 +98,7 @@ def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
         bias = {
             "input_norm": norm_bias, "post_attention_norm": norm_bias,
             "attention.query_key_value": cfg.use_bias_in_attn_linear, "attention.dense": cfg.use_bias_in_attn_linear,
-            "mlp.linear1": cfg.use_bias_in_mlp, "mlp.linear2": cfg.use_bias_in_mlp,
+            "mlp.linear1": mlp_has_bias(cfg), "mlp.linear2": mlp_has_bias(cfg),
         }
         for sub, shape in layer.items():
             shapes[p + sub + ".weight"] = shape

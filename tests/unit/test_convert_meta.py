@@ -204,3 +204,15 @@ def test_hf_export_loads_and_matches_logits(meta_dirs, tmp_path):
     with torch.no_grad():
         err = (hf(ids).logits - ref(ids).logits).abs().max().item()
     assert err < 1e-5
+
+
+def test_llemma_34b_config_agrees_with_codellama_params():
+    """CodeLlama-34b's published params.json against configs/llemma_34b.yml (as derived by the config system)."""
+    from neox.config import NeoXArgs
+
+    params = {"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 256,
+              "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000, "vocab_size": 32000}
+    args = NeoXArgs.from_ymls([str(ROOT / "configs" / "llemma_34b.yml")], world_size=8)
+    tool("convert_raw_llama_weights_to_neox").check_params(params, args.model, 32000, "params.json")
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        tool("convert_raw_llama_weights_to_neox").check_params({**params, "n_kv_heads": 64}, args.model, 32000, "p")
