@@ -41,6 +41,22 @@ Derived values (filled in when left out): `num_kv_heads` (= heads), `max_positio
 `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` give the third), `lr` (from
 `optimizer.params.lr`), `lr_decay_iters` (= train_iters), `warmup_iters` (= warmup x lr_decay_iters),
 `min_lr` (= decay_lr_to x lr), `precision` (from the fp16/bf16 blocks).
+
+## Launching
+
+`python deepy.py [--dry-run] USER_SCRIPT [-d CONF_DIR] CONF [CONF ...]` resolves the files and starts the
+ranks; each rank receives the resolved config on its command line (`--neox_args`, base64 JSON) and never
+reads YAML. `--dry-run` prints `{"args", "deepspeed_config", "launch_command"}` as one JSON object.
+
+- The world size is planned as DeepSpeed's runner will start it: `num_gpus` x `num_nodes`, or the slots
+  of a readable `hostfile` (after `include`/`exclude`/`num_nodes`/`num_gpus`), or every visible GPU. On a
+  machine without GPUs, `num_gpus` CPU ranks (default: `model_parallel_size` x max(`pipe_parallel_size`, 1)).
+- `launcher: slurm` with `deepspeed_slurm: true` runs `srun` (one task per GPU); ranks take their rank and
+  world size from SLURM's variables.
+- A W&B key in `WANDB_API_KEY` or `~/.netrc` reaches the ranks and is never printed.
+- DeepSpeed 0.19 refuses bf16 with `data_types.grad_accum_dtype: fp32` at ZeRO stage 0: such configs run at
+  stage 1 and deepy.py says so.
+- Errors print one line, `neox: error: <file>: <key>: <message>`, and exit 2; `NEOX_DEBUG=1` shows the traceback.
 """
 
 
