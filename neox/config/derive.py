@@ -86,6 +86,8 @@ def expand_attention_config(config: Any, num_layers: int) -> list[str]:
     """NeoX pairs [[types, count], ...] -> one attention type per layer (types repeat cyclically)."""
     if not config:
         return ["global"] * num_layers
+    if not isinstance(config, (list, tuple)):
+        raise key_error("attention_config", f"expected [[types, count], ...] pairs, got {config!r}")
     if all(isinstance(item, str) for item in config):
         layers = list(config)
     else:

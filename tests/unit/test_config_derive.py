@@ -58,6 +58,8 @@ def test_attention_config_expansion():
     assert expand_attention_config([[["global", "flash"], 2]], 4) == ["global", "flash", "global", "flash"]
     assert expand_attention_config(None, 2) == ["global", "global"]
     assert expand_attention_config(["flash", "flash"], 2) == ["flash", "flash"]  # already expanded
+    with pytest.raises(ConfigError, match="expected \\[\\[types, count\\], ...\\] pairs, got 'flash'"):
+        resolve(attention_config="flash")
     with pytest.raises(ConfigError, match="describes 3 layers but num_layers is 4"):
         resolve(attention_config=[[["flash"], 3]])
 
