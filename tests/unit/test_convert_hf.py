@@ -23,13 +23,13 @@ def neox_cfg_for_gpt_neox(**over):
     return model_cfg(**base)
 
 
-def hf_llama(folder):
+def hf_llama(folder, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     conf = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, tie_word_embeddings=False)
+                       rope_theta=500000.0, tie_word_embeddings=tie)
     model = LlamaForCausalLM(conf).eval()
     with torch.no_grad():  # transformers zero-inits nothing we rely on, but make norms non-trivial
         for n, p in model.named_parameters():
@@ -65,13 +65,14 @@ def neox_logits(ckpt, cfg, ids):
         return model(ids)[..., :VOCAB]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "gpt_neox"])
 def test_hf_to_neox_tp2_and_back(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     to_neox, to_hf = tool("convert_hf_to_neox"), tool("convert_neox_to_hf")
-    ref = hf_llama(tmp_path / "hf") if family == "llama" else hf_gpt_neox(tmp_path / "hf")
-    cfg = model_cfg() if family == "llama" else neox_cfg_for_gpt_neox()
+    tied = family == "llama_tied"
+    ref = hf_gpt_neox(tmp_path / "hf") if family == "gpt_neox" else hf_llama(tmp_path / "hf", tie=tied)
+    cfg = neox_cfg_for_gpt_neox() if family == "gpt_neox" else model_cfg(no_weight_tying=not tied)
     tag = to_neox.convert(tmp_path / "hf", cfg, tmp_path / "ckpt", 2, progress=False)
     assert len(list(tag.glob("mp_rank_*_model_states.pt"))) == 2
     cfg = dataclasses.replace(cfg, padded_vocab_size=2 * VOCAB)
