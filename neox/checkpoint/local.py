@@ -264,6 +264,12 @@ def _ds_load(engine: Any, load_dir: str, tag: str, **kw: Any) -> dict[str, Any]:
             first = " ".join(str(err).split())[:400]
             raise CheckpointError(f"{os.path.join(load_dir, tag)}: model and checkpoint differ: {first}") from err
         raise
+    except (FileNotFoundError, AttributeError, TypeError) as err:
+        # DeepSpeed's way of saying the checkpoint has no optimizer state (e.g. converted weights)
+        if not kw.get("load_optimizer_states", True) or kw.get("load_module_only"):
+            raise
+        raise CheckpointError(f"{os.path.join(load_dir, tag)}: no usable optimizer state ({type(err).__name__}: "
+                              f"{str(err)[:200]}); set finetune: true (weights only) or no_load_optim: true") from err
     if path is None:
         raise CheckpointError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no model states file for this rank")
     return client or {}

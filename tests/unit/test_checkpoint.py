@@ -248,3 +248,22 @@ def test_no_save_optim_and_rng(tmp_path, zero, caplog):
     assert "saved without optimizer state" in caplog.text and other.lr_scheduler.last_epoch == 2
     for a, b in zip(engine.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_foreign_checkpoint_without_optimizer(tmp_path, zero):
+    """A DeepSpeed checkpoint with no manifest and no optimizer state (as converters write them)."""
+    root = str(tmp_path / "foreign")
+    engine = toy_engine(zero=zero)
+    toy_run(engine, TrainState(), 1)
+    engine.save_checkpoint(root, tag="global_step1", client_state={"optimizer": None})
+    for name in os.listdir(os.path.join(root, "global_step1")):
+        if "optim_states" in name:
+            os.remove(os.path.join(root, "global_step1", name))
+    with pytest.raises(CheckpointError, match="no usable optimizer state .* set finetune: true"):
+        load_checkpoint(toy_engine(zero=zero), ToyArgs(CheckpointConfig(load=root)))
+    other = toy_engine(seed=3, zero=zero)
+    state = load_checkpoint(other, ToyArgs(CheckpointConfig(load=root, no_load_optim=True)))
+    assert state.iteration == 1  # from DeepSpeed's global_steps
+    for a, b in zip(engine.module.parameters(), other.module.parameters()):
+        assert torch.equal(a, b)
