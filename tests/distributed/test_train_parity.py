@@ -89,8 +89,11 @@ def _guarded(fn: Any) -> Any:
 def _single_rank_group(rank: int, world: int, prefix: str, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     logs = {"log_dir": f"{tmp}/logs", "tensorboard_dir": f"{tmp}/tb", "use_wandb": True,
-            "wandb_project": "neox-test", "eval_interval": 3, "eval_iters": 1}
+            "wandb_project": "neox-test", "eval_interval": 3, "eval_iters": 1,
+            "save": f"{tmp}/ref_ckpt", "checkpoint_factor": 3}
     out["ref"] = _guarded(lambda: run_pretrain(tiny_flat(prefix, **logs), world).losses)
+    resume = tiny_flat(prefix, load=f"{tmp}/ref_ckpt/global_step3")
+    out["resume"] = _guarded(lambda: run_pretrain(resume, world).losses)
     accum = tiny_flat(prefix, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
     out["accum"] = _guarded(lambda: run_pretrain(accum, world).losses)
     bf16 = tiny_flat(prefix, bf16={"enabled": True}, zero_optimization={"stage": 1}, train_iters=12)
@@ -142,6 +145,13 @@ def _close(a: list[float], b: list[float], tol: float = 2e-4) -> None:
 def test_reference_loss_falls(runs):
     ref = _ok(runs["single"]["ref"])
     assert all(math.isfinite(x) for x in ref) and ref[-1] < ref[0]
+
+
+def test_resume_continues_the_same_losses(runs):
+    ref, resumed = _ok(runs["single"]["ref"]), _ok(runs["single"]["resume"])
+    assert len(resumed) == STEPS - 3
+    for x, y in zip(resumed, ref[3:]):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(y)), (resumed, ref)
 
 
 def test_grad_accumulation_matches(runs):
