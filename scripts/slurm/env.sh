@@ -12,7 +12,9 @@
 #   NEOX_MASTER_ADDR   rendezvous host (default: the job's first node)
 #   NEOX_MASTER_PORT   rendezvous port (default: 20000 + job id mod 12000)
 #   NEOX_MAX_REQUEUES  stop requeueing after this many restarts (default: 50)
+#   NEOX_RESUME        0: never turn a config's load/finetune into a resume from save/latest
 #   NEOX_EXPORT_VARS   extra variable names to hand to ranks started over ssh (hostfile path)
+#   NEOX_DRY_RUN       set: print deepy.py --dry-run's JSON (config + launch command), start nothing
 
 # ---- NCCL / network. Defaults are safe everywhere; uncomment what your cluster documents. ----------
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"                      # INFO prints topology / transport choices
@@ -102,6 +104,7 @@ _neox_requeue() {
 
 neox_launch() {
     neox_setup || return 2
+    cd "$NEOX_ROOT" || return 2  # relative config paths are relative to the checkout, as for deepy.py
     local plan
     plan="$("$NEOX_PYTHON" "$_NEOX_SLURM_DIR/job_config.py" --run-dir "$NEOX_RUN_DIR" \
         --hostfile "$DLTS_HOSTFILE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
@@ -114,8 +117,10 @@ neox_launch() {
     _NEOX_REQUEUE=0
     trap 'neox_on_signal USR1' USR1
     trap 'neox_on_signal TERM' TERM
-    cd "$NEOX_ROOT" || return 2
-    local cmd=("$NEOX_PYTHON" deepy.py "$NEOX_TRAIN_SCRIPT" "$@" "$NEOX_OVERRIDES")
+    local cmd=("$NEOX_PYTHON" deepy.py "$NEOX_TRAIN_SCRIPT" "${NEOX_DEEPY_ARGS[@]}")
+    if [[ -n "${NEOX_DRY_RUN:-}" ]]; then  # print the resolved config and launch command only
+        cmd=("$NEOX_PYTHON" deepy.py --dry-run "$NEOX_TRAIN_SCRIPT" "${NEOX_DEEPY_ARGS[@]}")
+    fi
     neox_log "launch ($NEOX_MODE): ${cmd[*]}"
     "${cmd[@]}" &
     local rc=0

@@ -11,8 +11,11 @@ The user's YAML files stay untouched; this fragment adds only the keys they leav
   iteration boundary, saves a checkpoint and exits, which works for ranks started over ssh too;
 - ``load: <save>`` once ``<save>/latest`` exists, so a requeued job resumes where it stopped.
 
-A key the user did set wins (the loader would reject the same key with two values anyway).
-Prints shell assignments (``NEOX_OVERRIDES=...``) for ``env.sh`` to ``eval``.
+A key the user did set wins, except when resuming: a config that starts from other weights
+(``load: base``, ``finetune: true``) continues from ``save`` instead, with ``finetune: false``
+(``NEOX_RESUME=0`` turns this off). Then, since the loader rejects a key set twice with different
+values, deepy.py gets one merged config file instead of the user's files plus the fragment.
+Prints shell assignments (``NEOX_DEEPY_ARGS=(...)``, ``NEOX_MODE=...``) for ``env.sh`` to ``eval``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class JobPlan:
     kill_switch: str
     save: str | None
     notes: list[str] = field(default_factory=list)
+    replaced: dict[str, Any] = field(default_factory=dict)
+    """User keys this start must change; non-empty means deepy.py gets one resolved config file."""
 
 
 def resolve_mode(requested: str, user: dict[str, Any]) -> str:
@@ -77,6 +82,7 @@ def plan_job(
     kill_switch: str,
     slots: int | None = None,
     num_nodes: int | None = None,
+    resume: bool = True,
 ) -> JobPlan:
     """The job's additions to ``user`` (the merged flat user config). Pure apart from one stat."""
     mode = resolve_mode(mode, user)
@@ -95,16 +101,35 @@ def plan_job(
     else:
         overrides["kill_switch_path"] = kill_switch
     save = user.get("save") or None
+    replaced: dict[str, Any] = {}
     if save is None:
         notes.append("save: not set, so a preempted or timed-out job cannot resume")
-    elif os.path.isfile(os.path.join(str(save), "latest")):
-        if user.get("load") in (None, ""):
-            overrides["load"] = str(save)
-            notes.append(f"load: resuming from {save} (tag in {os.path.join(str(save), 'latest')})")
-        elif os.path.abspath(str(user["load"])) != os.path.abspath(str(save)):
-            notes.append(f"load: the config loads {user['load']}, so the checkpoints of this run in {save} "
-                         "are not resumed (drop load from the config to resume them)")
-    return JobPlan(mode=mode, overrides=overrides, kill_switch=kill_switch, save=save, notes=notes)
+    elif resume and os.path.isfile(os.path.join(str(save), "latest")):
+        replaced = _resume_keys(user, str(save), overrides, notes)
+    return JobPlan(mode=mode, overrides=overrides, kill_switch=kill_switch, save=save, notes=notes,
+                   replaced=replaced)
+
+
+def _resume_keys(user: dict[str, Any], save: str, overrides: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """``save/latest`` exists, so this start continues that run: load it with its full state.
+
+    Adds ``load`` to ``overrides`` when the config leaves it unset; returns the user keys that must
+    change instead (a ``load`` of base weights with ``finetune: true`` was only the starting point).
+    """
+    notes.append(f"load: resuming from {save} (tag in {os.path.join(save, 'latest')})")
+    replaced: dict[str, Any] = {}
+    if user.get("load") in (None, ""):
+        overrides["load"] = save
+    elif os.path.abspath(str(user["load"])) != os.path.abspath(save):
+        replaced["load"] = save
+    if user.get("finetune") is True:
+        replaced["finetune"] = False
+    if user.get("no_save_optim") is True and "no_load_optim" not in user:
+        overrides["no_load_optim"] = True  # the run saved no optimizer state to load
+    if replaced:
+        notes.append(f"replacing {', '.join(f'{k}: {user[k]!r}' for k in replaced)} of the config, which "
+                     "named the run's starting point (NEOX_RESUME=0 keeps them)")
+    return replaced
 
 
 def read_user_config(configs: list[str], conf_dir: str | None) -> dict[str, Any]:
@@ -139,24 +164,46 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_job(
             user, mode=args.mode, hostfile=os.path.abspath(args.hostfile), master_addr=args.master_addr,
             master_port=args.master_port, kill_switch=os.path.join(os.path.abspath(args.run_dir), "STOP"),
-            slots=args.slots, num_nodes=args.num_nodes,
+            slots=args.slots, num_nodes=args.num_nodes, resume=os.environ.get("NEOX_RESUME", "1") != "0",
         )
     except Exception as err:  # noqa: BLE001 - one line for the job log, whatever went wrong
         print(f"job_config: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    os.makedirs(args.run_dir, exist_ok=True)
-    fragment = os.path.join(os.path.abspath(args.run_dir), "job_overrides.yml")
-    with open(fragment, "w") as f:
-        f.write("# written by scripts/slurm/job_config.py for this job; regenerated on every (re)start\n")
-        json.dump(plan.overrides, f, indent=2, sort_keys=True)
-        f.write("\n")
     for note in plan.notes:
         print(f"job_config: {note}", file=sys.stderr)
-    values = {"NEOX_OVERRIDES": fragment, "NEOX_MODE": plan.mode, "NEOX_KILL_SWITCH": plan.kill_switch,
-              "NEOX_SAVE": plan.save or ""}
+    deepy_args = write_job_config(plan, user, args)
+    values = {"NEOX_MODE": plan.mode, "NEOX_KILL_SWITCH": plan.kill_switch, "NEOX_SAVE": plan.save or ""}
     for key, value in values.items():
         print(f"{key}={shlex.quote(value)}")
+    print(f"NEOX_DEEPY_ARGS=({' '.join(shlex.quote(a) for a in deepy_args)})")
     return 0
+
+
+def write_job_config(plan: JobPlan, user: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Write the job's config file; return the config arguments for deepy.py.
+
+    Normally a fragment of the added keys goes after the user's own arguments (so errors still name
+    their files). When user keys must change, the loader would reject a second value, so deepy.py
+    gets the merged config with the changes as its only file.
+    """
+    run_dir = os.path.abspath(args.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    header = "# written by scripts/slurm/job_config.py for this job; regenerated on every (re)start\n"
+    merged, fragment = os.path.join(run_dir, "job_config.yml"), os.path.join(run_dir, "job_overrides.yml")
+    if plan.replaced:
+        path, content = merged, {**user, **plan.overrides, **plan.replaced}
+        deepy_args = [path]
+    else:
+        path, content = fragment, plan.overrides
+        deepy_args = (["-d", args.conf_dir] if args.conf_dir else []) + list(args.configs) + [path]
+    for stale in {merged, fragment} - {path}:  # left by an earlier start; only one is in use
+        if os.path.exists(stale):
+            os.remove(stale)
+    with open(path, "w") as f:
+        f.write(header)
+        json.dump(content, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    return deepy_args
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ syntax and headers. References are written by hand from SLURM's hostlist syntax 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -143,9 +145,17 @@ def test_plan_resumes_from_save_once_latest_exists(tmp_path):
     assert "load" not in _plan(user, tmp_path).overrides
     ckpt.mkdir()
     (ckpt / "latest").write_text("global_step10")
-    assert _plan(user, tmp_path).overrides["load"] == str(ckpt)
-    mine = _plan({**user, "load": "/base/model"}, tmp_path)
-    assert "load" not in mine.overrides and any("are not resumed" in n for n in mine.notes)  # the user's wins
+    plan = _plan(user, tmp_path)
+    assert plan.overrides["load"] == str(ckpt) and plan.replaced == {}
+    # a run that started from base weights continues from its own checkpoints, with its full state
+    base = {**user, "load": "/base/model", "finetune": True, "no_save_optim": True}
+    plan = _plan(base, tmp_path)
+    assert plan.replaced == {"load": str(ckpt), "finetune": False}
+    assert plan.overrides["no_load_optim"] is True and "load" not in plan.overrides
+    assert any("replacing load: '/base/model', finetune: True" in n for n in plan.notes)
+    assert _plan({**user, "load": str(ckpt)}, tmp_path).replaced == {}
+    kept = _plan(base, tmp_path, resume=False)
+    assert kept.replaced == {} and "load" not in kept.overrides
 
 
 def test_plan_keeps_the_users_kill_switch(tmp_path):
@@ -153,28 +163,66 @@ def test_plan_keeps_the_users_kill_switch(tmp_path):
     assert plan.kill_switch == "/shared/STOP_ME" and "kill_switch_path" not in plan.overrides
 
 
+def _job_config(tmp_path, *configs: str, mode: str = "srun") -> tuple[list[str], dict[str, str], str]:
+    """Run job_config.py and ``eval`` its output in bash, as env.sh does: (deepy args, values, stderr)."""
+    run = tmp_path / "run"
+    cmd = " ".join(map(shlex.quote, [
+        sys.executable, str(SLURM / "job_config.py"), "--run-dir", str(run), "--hostfile", str(run / "hostfile"),
+        "--master-addr", "n1", "--master-port", "21000", "--mode", mode, "--slots", "4", "--num-nodes", "2",
+        *configs]))
+    script = f'plan="$({cmd})" || exit 2; eval "$plan"; printf "%s\\n" "${{NEOX_DEEPY_ARGS[@]}}"; ' \
+             'echo "MODE=$NEOX_MODE"; echo "SAVE=$NEOX_SAVE"; echo "STOP=$NEOX_KILL_SWITCH"'
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    values = dict(line.split("=", 1) for line in lines[-3:])
+    return lines[:-3], values, res.stderr
+
+
 def test_job_config_cli_reads_neox_yaml(tmp_path):
-    conf = tmp_path / "conf"
+    from neox.config.loader import read_yaml
+
+    conf = tmp_path / "my conf"  # a space survives the shell round trip
     conf.mkdir()
     # NeoX style: braces, comments, dashed keys, trailing comma
     (conf / "a.yml").write_text('{\n  "save": "%s", # checkpoints\n  "train-iters": 10,\n}\n' % (tmp_path / "ck"))
+    deepy_args, values, _ = _job_config(tmp_path, "-d", str(conf), "a.yml")
     run = tmp_path / "run"
-    res = subprocess.run(
-        [sys.executable, str(SLURM / "job_config.py"), "--run-dir", str(run), "--hostfile", str(run / "hostfile"),
-         "--master-addr", "n1", "--master-port", "21000", "--mode", "srun", "--slots", "4", "--num-nodes", "2",
-         "-d", str(conf), "a.yml"], capture_output=True, text=True, check=True)
-    values = dict(line.split("=", 1) for line in res.stdout.split())
-    assert values["NEOX_MODE"] == "srun" and values["NEOX_SAVE"] == str(tmp_path / "ck")
-    fragment = Path(values["NEOX_OVERRIDES"])
-    from neox.config.loader import read_yaml
-
-    assert read_yaml(fragment) == {"launcher": "slurm", "deepspeed_slurm": True, "hostfile": str(run / "hostfile"),
-                                   "master_addr": "n1", "master_port": 21000, "num_gpus": 4, "num_nodes": 2,
-                                   "kill_switch_path": str(run / "STOP")}
+    assert deepy_args == ["-d", str(conf), "a.yml", str(run / "job_overrides.yml")]
+    assert values == {"MODE": "srun", "SAVE": str(tmp_path / "ck"), "STOP": str(run / "STOP")}
+    assert read_yaml(run / "job_overrides.yml") == {
+        "launcher": "slurm", "deepspeed_slurm": True, "hostfile": str(run / "hostfile"), "master_addr": "n1",
+        "master_port": 21000, "num_gpus": 4, "num_nodes": 2, "kill_switch_path": str(run / "STOP")}
     bad = subprocess.run([sys.executable, str(SLURM / "job_config.py"), "--run-dir", str(run), "--hostfile", "h",
                           "--master-addr", "n1", "--master-port", "1", str(tmp_path / "missing.yml")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.yml" in bad.stderr
+
+
+def test_job_config_resumes_a_run_that_started_from_base_weights(tmp_path):
+    """Like configs/llemma_7b.yml: load = converted base weights, finetune: true. Once save/latest
+    exists, deepy.py gets one merged config that loads save with finetune off; it still validates."""
+    from neox.config import NeoXArgs
+
+    ckpt = tmp_path / "ck"
+    model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+             "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 16,
+             "train_iters": 10, "tokenizer_type": "CharLevelTokenizer"}
+    (tmp_path / "model.yml").write_text(json.dumps(model))
+    (tmp_path / "run.yml").write_text(json.dumps({"save": str(ckpt), "load": "/base/weights", "finetune": True}))
+    configs = [str(tmp_path / "model.yml"), str(tmp_path / "run.yml")]
+    first, _, _ = _job_config(tmp_path, *configs)
+    assert first[:-1] == configs  # first start: the user's files as they are
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("global_step5")
+    again, _, err = _job_config(tmp_path, *configs)
+    merged = tmp_path / "run" / "job_config.yml"
+    assert again == [str(merged)] and not (tmp_path / "run" / "job_overrides.yml").exists()
+    assert "resuming from" in err and "replacing load" in err
+    args = NeoXArgs.from_ymls([str(merged)])
+    assert args.checkpoint.load == str(ckpt) and args.checkpoint.finetune is False
+    assert args.model.hidden_size == 64 and args.launcher.deepspeed_slurm is True
+    assert args.parallel.world_size == 8 and args.training.gradient_accumulation_steps == 1
 
 
 # ---- the job scripts ------------------------------------------------------------------------------
@@ -270,3 +318,34 @@ def test_usr1_saves_then_requeues_only_after_a_clean_exit(tmp_path):
     assert rc == 0 and requeues == [] and "NEOX_MAX_REQUEUES=3" in err
     events = (tmp_path / "run" / "events.log").read_text()
     assert events.count("got SIGUSR1") == 3 and "launch (hostfile)" in events
+
+
+def test_dry_run_of_the_one_node_hostfile_path(tmp_path):
+    """neox_1node.sbatch's default path, resolved by the real deepy.py --dry-run: DeepSpeed's runner
+    with the job's hostfile, rendezvous and STOP file, and 2 ranks from the hostfile's slots."""
+    bin_dir = install_fakes(tmp_path / "bin")
+    conf = tmp_path / "c.yml"
+    conf.write_text(json.dumps({
+        "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+        "max_position_embeddings": 32, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 4,
+        "train_iters": 10, "tokenizer_type": "CharLevelTokenizer", "save": str(tmp_path / "ck")}))
+    from tests.fixtures.slurm.fakes import fake_job_env
+
+    env = fake_job_env(bin_dir, tmp_path / "calls", job_id=4321, nodelist="gpu07", slots=2, submit_dir=REPO)
+    env.update(NEOX_RUN_DIR=str(tmp_path / "run"), NEOX_DRY_RUN="1", NEOX_PYTHON=sys.executable)
+    env.pop("NEOX_MASTER_ADDR")
+    res = subprocess.run(["bash", str(SLURM / "neox_1node.sbatch"), str(conf)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    cmd = report["launch_command"]
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
+    flags = dict(zip(cmd[3:cmd.index("train.py"):2], cmd[4:cmd.index("train.py"):2]))
+    run = tmp_path / "run"
+    assert flags == {"--master_port": str(20000 + 4321), "--master_addr": "gpu07",
+                     "--hostfile": str(run / "hostfile"), "--launcher": "pdsh"}
+    assert (run / "hostfile").read_text() == "gpu07 slots=2\n"
+    args = report["args"]
+    assert args["world_size"] == 2 and args["gradient_accumulation_steps"] == 1
+    assert args["kill_switch_path"] == str(run / "STOP") and args["load"] is None
+    assert "launch (hostfile)" in (run / "events.log").read_text()
