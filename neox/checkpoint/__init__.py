@@ -50,6 +50,8 @@ def save_checkpoint(engine: Any, args: Any, state: Any, iteration: int, *,
     ck = args.checkpoint
     if not ck.save:
         return None
+    if is_s3_url(ck.save):
+        raise CheckpointError(f"save: {ck.save}: expected a local or shared directory; use s3_path to mirror to S3")
     start = time.monotonic()
     vloss = None
     if ck.checkpoint_validation_with_forward_pass and validation_fn is not None:

@@ -9,6 +9,7 @@ untouched; the loader never follows ``latest`` to a directory without a complete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -93,13 +94,36 @@ def engine_layout(engine: Any) -> dict[str, int]:
     }
 
 
-def _fsync_tree(root: str) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                mf.fsync_path(os.path.join(dirpath, name))
-            except FileNotFoundError:  # another rank's temp file renamed away meanwhile
-                pass
+@contextlib.contextmanager
+def _recording_writes(engine: Any) -> Iterator[list[str] | None]:
+    """Record the paths this rank's DeepSpeed checkpoint engine writes (None: cannot tell)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or not callable(getattr(ce, "save", None)):
+        yield None
+        return
+    written: list[str] = []
+    original = ce.save
+
+    def save(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        written.append(kwargs.get("path", args[1] if len(args) > 1 else None))
+        return result
+
+    ce.save = save  # an instance attribute shadowing the method, removed below
+    try:
+        yield written
+    finally:
+        del ce.save
+
+
+def _fsync_written(root: str, written: list[str] | None) -> None:
+    """fsync what this rank wrote (every file when unknown) and the directories holding it."""
+    if written is None:
+        written = [os.path.join(d, f) for d, _s, files in os.walk(root) for f in files]
+    for path in written:
+        if path and os.path.isfile(path):
+            mf.fsync_path(path)
+    for dirpath, _dirs, _files in os.walk(root):
         mf.fsync_path(dirpath)
 
 
@@ -138,14 +162,17 @@ def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, 
         shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that crashed
     _barrier()
     extra = {} if save_optimizer else {"optimizer": None}  # DeepSpeed lets client_state override its keys
-    engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
-                           save_latest=False)
+    with _recording_writes(engine) as written:
+        engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
+                               save_latest=False)
     if save_rng:
-        save_rng_state(partial_dir, _rank())
+        save_rng_state(partial_dir, _rank())  # fsynced there
     if _rank() == 0 and args_flat is not None:
         with open(os.path.join(partial_dir, ARGS_NAME), "w") as f:
             json.dump(redact(args_flat), f, indent=1, sort_keys=True, default=str)
-    _fsync_tree(partial_dir)
+        if written is not None:
+            written.append(os.path.join(partial_dir, ARGS_NAME))
+    _fsync_written(partial_dir, written)
     _barrier()  # every rank's files are on disk
     if not save_optimizer and _rank() == 0:
         for name in os.listdir(partial_dir):
