@@ -61,6 +61,8 @@ def console_line(rec: dict[str, Any], train_iters: int | None) -> str:
         f"samples/sec: {rec['samples_per_sec']:.3f}",
         f"tokens/sec: {rec['tokens_per_sec']:.1f}",
         f"TFLOPs/GPU: {rec['tflops_per_gpu']:.2f}",
+        *([f"hardware TFLOPs/GPU (with recompute): {rec['hardware_tflops_per_gpu']:.2f}"]
+          if rec.get("hardware_tflops_per_gpu", rec["tflops_per_gpu"]) != rec["tflops_per_gpu"] else []),
         f"MFU: {_fmt(rec['mfu'], '.3f')}",
         f"max memory (GiB): {_fmt(rec['max_memory_gib'], '.2f')}",
     ]
