@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,11 +198,18 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     if rank0:
         print(f"neox: {flops.non_embedding_params(args.model) / 1e6:.2f}M non-embedding parameters, "
               f"{flops.flops_per_token(args.model) / 1e6:.1f} MFLOPs per token, device {device}", flush=True)
+    start_iter, start_tokens, start = state.iteration, state.consumed_tokens, time.perf_counter()
     try:
         reason = train(ctx, state, iters.train, iters.valid, iters.test)
     finally:
         stop.uninstall()
         logger.close()
-    if rank0 and reason:
-        print(f"neox: stopped at iteration {state.iteration} ({reason}); checkpoint saved", flush=True)
+    if rank0:
+        secs = time.perf_counter() - start
+        tokens = state.consumed_tokens - start_tokens
+        print(f"neox: trained {state.iteration - start_iter} iterations, {tokens} tokens in {secs:.1f} s "
+              f"({tokens / max(secs, 1e-9):.0f} tokens/s incl. evaluation and checkpoints)", flush=True)
+        if reason:
+            saved = f"checkpoint in {args.checkpoint.save}" if args.checkpoint.save else "no save directory set"
+            print(f"neox: stopped at iteration {state.iteration} ({reason}); {saved}", flush=True)
     return TrainResult(state=state, losses=list(ctx.losses), stop_reason=reason)
