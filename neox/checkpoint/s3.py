@@ -31,7 +31,7 @@ from neox.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 _PERMANENT_CODES = {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                    "InvalidBucketName", "AllAccessDisabled", "AccountProblem"}
+                    "InvalidBucketName", "AllAccessDisabled", "AccountProblem", "NoSuchKey", "404", "403"}
 
 
 def scrub(message: str) -> str:
@@ -261,12 +261,18 @@ def download_latest(url: str, cache_dir: str, settings: S3Settings | None = None
         return None
     tag_prefix = _key(prefix, tag)
     tag_dir = os.path.join(cache_dir, tag)
-    _download_file(client, bucket, _key(tag_prefix, mf.MANIFEST_NAME), os.path.join(tag_dir, mf.MANIFEST_NAME),
-                   settings)
-    manifest = mf.read_manifest(tag_dir)
     rels = [k[len(tag_prefix) + 1:] for k in _list_keys(client, bucket, tag_prefix)]
-    todo = [r for r in rels if r != mf.MANIFEST_NAME
-            and (r not in manifest["files"] or mf.verify_files(tag_dir, manifest, [r]))]
+    if not rels:
+        raise CheckpointError(f"{url}/latest names {tag!r}, but s3://{bucket}/{tag_prefix}/ holds no objects")
+    manifest = None
+    if mf.MANIFEST_NAME in rels:
+        _download_file(client, bucket, _key(tag_prefix, mf.MANIFEST_NAME),
+                       os.path.join(tag_dir, mf.MANIFEST_NAME), settings)
+        manifest = mf.read_manifest(tag_dir)
+    else:
+        log.warning("s3://%s/%s/: no %s; downloading without verification", bucket, tag_prefix, mf.MANIFEST_NAME)
+    todo = [r for r in rels if r != mf.MANIFEST_NAME and (manifest is None or r not in manifest["files"]
+                                                          or mf.verify_files(tag_dir, manifest, [r]))]
     start, sent = time.monotonic(), 0
     with ThreadPoolExecutor(settings.file_workers) as pool, \
             tqdm(total=len(todo), desc=f"download {tag}", unit="file", disable=not todo) as bar:
@@ -274,7 +280,8 @@ def download_latest(url: str, cache_dir: str, settings: S3Settings | None = None
                                                       os.path.join(tag_dir, r), settings), todo):
             sent += size
             bar.update(1)
-    mf.verify_tag(tag_dir)
+    if manifest is not None:
+        mf.verify_tag(tag_dir)
     mf.atomic_write_text(os.path.join(cache_dir, "latest"), tag)
     secs = max(time.monotonic() - start, 1e-9)
     log.info("downloaded %s from %s: %d files, %.1f MB in %.1fs (%.1f MB/s)", tag, url, len(todo), sent / 1e6,
