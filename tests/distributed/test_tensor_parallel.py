@@ -7,6 +7,9 @@ from tests.distributed.launch import run_distributed
 from tests.unit.test_model import S, V, llama_cfg, neox_cfg
 
 SEED = 11
+# LLaMA (GQA, SwiGLU, untied); NeoX classic with gpt_j residual and partial rotary (tied);
+# NeoX sequential with learned positions and biases (tied).
+VARIANTS = (("llama", llama_cfg()), ("neox_gptj", neox_cfg()), ("neox", neox_cfg(pos_emb="learned", gpt_j_residual=False)))
 
 
 def _batch():
@@ -64,7 +67,7 @@ def _tp2_checks(rank, world):
 
     ps.initialize_model_parallel(2, 1)
     out = {}
-    for name, cfg in (("llama", llama_cfg()), ("neox", neox_cfg(pos_emb="learned", gpt_j_residual=False))):
+    for name, cfg in VARIANTS:
         model, logits, loss = _run(cfg)
         full_logits = torch.cat(_gather(logits.detach()), dim=-1)
         out[name] = dict(weights=_full_state(model, cfg), grads=_full_state(model, cfg, grads=True),
@@ -93,7 +96,7 @@ def _tp2_checks(rank, world):
 
 def test_tensor_parallel_2_matches_1():
     results = run_distributed(_tp2_checks, 2)
-    for name, cfg in (("llama", llama_cfg()), ("neox", neox_cfg(pos_emb="learned", gpt_j_residual=False))):
+    for name, cfg in VARIANTS:
         ref_model, ref_logits, ref_loss = _run(cfg)
         for r in results:
             got = r[name]
