@@ -55,12 +55,18 @@ class _Window:
 
     iters: int = 0
     seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
     timers_ms: dict[str, float] = field(default_factory=dict)
 
-    def add(self, seconds: float, timers: dict[str, float]) -> None:
+    def add(self, seconds: float, res: StepResult) -> None:
         self.iters += 1
         self.seconds += seconds
-        for k, v in timers.items():
+        # As NeoX: the logged loss is the mean over the interval of the finite losses.
+        if math.isfinite(res.loss):
+            self.loss_sum += res.loss
+            self.loss_count += 1
+        for k, v in res.timers_ms.items():
             self.timers_ms[k] = self.timers_ms.get(k, 0.0) + v
 
 
@@ -97,7 +103,7 @@ def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window)
     tokens = ctx.global_batch * seq * win.iters
     tp = flops.throughput(args.model, tokens, win.seconds, args.parallel.world_size or 1, ctx.peak_tflops)
     rec = {
-        "iteration": state.iteration, "lm_loss": res.loss, "lr": float(ctx.engine.get_lr()[0]),
+        "iteration": state.iteration, "lm_loss": win.loss_sum / win.loss_count if win.loss_count else res.loss, "lr": float(ctx.engine.get_lr()[0]),
         "grad_norm": res.grad_norm, "loss_scale": _loss_scale(ctx.engine),
         "samples_per_sec": ctx.global_batch * win.iters / max(win.seconds, 1e-9),
         "tokens_per_sec": tokens / max(win.seconds, 1e-9),
@@ -174,7 +180,7 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
         res = _step(ctx, source)
         if ctx.device.type == "cuda" and state.iteration % log_interval == log_interval - 1:
             torch.cuda.synchronize(ctx.device)  # so the logged time covers the queued work
-        win.add(time.perf_counter() - start, res.timers_ms)
+        win.add(time.perf_counter() - start, res)
         nan_run = _account(ctx, state, res, nan_run)
         if state.iteration % log_interval == 0:
             ctx.logger.log_train(_record(ctx, state, res, win))

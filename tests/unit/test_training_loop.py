@@ -91,3 +91,13 @@ def test_no_weight_decay_on_norms_and_biases():
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_logged_loss_is_the_interval_mean_of_finite_losses():
+    from neox.training.loop import _Window
+
+    win = _Window()
+    for loss in (4.0, float("nan"), 2.0):
+        win.add(0.5, StepResult(loss, True, timers_ms={"forward": 2.0}))
+    assert win.iters == 3 and win.seconds == 1.5
+    assert win.loss_sum / win.loss_count == 3.0 and win.timers_ms == {"forward": 6.0}
