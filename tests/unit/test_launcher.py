@@ -175,3 +175,17 @@ def test_multi_node_key_goes_through_a_private_env_file(tmp_path, monkeypatch):
     import os
 
     assert not os.path.exists(seen["env_file"])  # removed after the launch
+
+
+def test_gpu_count_from_nvidia_smi_without_torch(tmp_path, monkeypatch):
+    from neox.launcher import detect_local_gpus
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-b)'\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert detect_local_gpus() == 2
+    args = resolve()  # every GPU, and no --num_gpus so DeepSpeed uses the visible devices itself
+    assert args.parallel.world_size == 2 and "--num_gpus" not in build_launch_command(args, "t.py")
+    assert detect_local_gpus({"CUDA_VISIBLE_DEVICES": "0,3,5"}) == 3
