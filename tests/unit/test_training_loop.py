@@ -101,3 +101,23 @@ def test_logged_loss_is_the_interval_mean_of_finite_losses():
         win.add(0.5, StepResult(loss, True, timers_ms={"forward": 2.0}))
     assert win.iters == 3 and win.seconds == 1.5
     assert win.loss_sum / win.loss_count == 3.0 and win.timers_ms == {"forward": 6.0}
+
+
+def test_optimizer_choice_and_deepspeed_config():
+    from neox.errors import ConfigError
+    from neox.training.optim import build_optimizer, deepspeed_config_for
+
+    base = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "seq_length": 8,
+            "tokenizer_type": "CharLevelTokenizer", "train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+            "train_iters": 4, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.8, 0.9]}},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    args = NeoXArgs.from_flat(base, world_size=1)
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, args, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert opt.param_groups[0]["weight_decay"] == args.optim.weight_decay
+    ds = deepspeed_config_for(args, opt)
+    assert "optimizer" not in ds and "scheduler" not in ds and ds["zero_force_ds_cpu_optimizer"] is False
+    bad = NeoXArgs.from_flat({**base, "optimizer": {"type": "lamb", "params": {"lr": 1e-3}}}, world_size=1)
+    with pytest.raises(ConfigError, match="optimizer.type"):
+        build_optimizer(model, bad, torch.device("cpu"))
