@@ -8,6 +8,7 @@ rebuilds it with ``NeoXArgs.from_launcher()``.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import netrc
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from neox.errors import ConfigError
+from neox.errors import ConfigError, NeoXError
 
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
@@ -248,6 +249,8 @@ def launch(args: NeoXArgs, user_script: str, user_args: list[str] | None = None)
     """Start the ranks and wait; returns the exit code."""
     check_launchable(args)
     cmd = build_launch_command(args, user_script, user_args)
+    if "deepspeed.launcher.runner" in cmd and importlib.util.find_spec("deepspeed") is None:
+        raise NeoXError("deepspeed is not installed: run bash scripts/install.sh")
     env = launch_env(args)
     env_file = None
     if args.launcher.hostfile and parse_hostfile(args.launcher.hostfile) and "WANDB_API_KEY" in env:
