@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -327,8 +328,9 @@ def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, loa
     tag_dir = os.path.join(load_dir, tag)
     manifest = verify_shared(tag_dir, checksums=checksums)
     if module_only:
-        _ds_load(engine, load_dir, tag, load_module_only=True, load_optimizer_states=False,
-                 load_lr_scheduler_states=False)
+        with _latest_view(engine, load_dir, tag) as view_dir:
+            _ds_load(engine, view_dir, tag, load_module_only=True, load_optimizer_states=False,
+                     load_lr_scheduler_states=False)
         return None, manifest
     reason = _needs_module_only(engine, manifest) if load_optimizer else None
     if reason is not None:
@@ -340,6 +342,35 @@ def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, loa
     if load_rng:
         _restore_rng(tag_dir, manifest)
     return client.get(CLIENT_KEY), manifest
+
+
+@contextlib.contextmanager
+def _latest_view(engine: Any, load_dir: str, tag: str) -> Iterator[str]:
+    """A directory whose ``latest`` names ``tag`` (yields ``load_dir`` when it already does).
+
+    DeepSpeed's ZeRO-3 weights-only load re-reads the fp32 weights from ``{load_dir}/latest``,
+    ignoring the tag it was given; a symlinked view makes a chosen older tag load correctly.
+    """
+    if engine.zero_optimization_stage() < 3 or read_latest(load_dir) == tag:
+        yield load_dir
+        return
+    view = None
+    if _rank() == 0:
+        try:
+            view = os.path.join(load_dir, f".{tag}.view")
+            shutil.rmtree(view, ignore_errors=True)
+            os.makedirs(view)
+        except OSError:  # read-only load dir: a private temp dir (ranks of one node only)
+            view = tempfile.mkdtemp(prefix=f"neox-{tag}-")
+        os.symlink(os.path.abspath(os.path.join(load_dir, tag)), os.path.join(view, tag))
+        mf.atomic_write_text(os.path.join(view, "latest"), tag)
+    view = _broadcast(view)
+    try:
+        yield view
+    finally:
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(view, ignore_errors=True)
 
 
 def _universal_ok(engine: Any, manifest: dict[str, Any] | None) -> bool:

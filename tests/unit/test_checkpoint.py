@@ -267,3 +267,30 @@ def test_foreign_checkpoint_without_optimizer(tmp_path, zero):
     assert state.iteration == 1  # from DeepSpeed's global_steps
     for a, b in zip(engine.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_exact_resume_zero23_and_finetune_from_chosen_tag(tmp_path, zero):
+    import deepspeed
+
+    args = _args(tmp_path)
+    seed_all(6)
+    ref = toy_run(toy_engine(seed=0, zero=zero), TrainState(), 4)
+    seed_all(6)
+    engine, state = toy_engine(seed=0, zero=zero), TrainState()
+    first = toy_run(engine, state, 2)
+    save_checkpoint(engine, args, state, 2)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        at2 = [p.detach().clone() for p in engine.module.parameters()]
+    seed_all(42)
+    engine2 = toy_engine(seed=7, zero=zero)
+    assert first + toy_run(engine2, load_checkpoint(engine2, args), 2) == ref
+    save_checkpoint(engine2, args, TrainState(iteration=4), 4)
+    # finetune from the older tag (ZeRO-3 re-reads 'latest' internally: neox points it at the chosen tag)
+    ft = toy_engine(seed=8, zero=zero)
+    pick = ToyArgs(CheckpointConfig(load=os.path.join(args.checkpoint.save, "global_step2"), finetune=True))
+    assert load_checkpoint(ft, pick) == TrainState()
+    with deepspeed.zero.GatheredParameters(list(ft.module.parameters())):
+        assert all(torch.equal(p, q) for p, q in zip(ft.module.parameters(), at2))
+    left = sorted(n for n in os.listdir(args.checkpoint.save) if not n.endswith(".py"))  # DeepSpeed's zero_to_*.py
+    assert left == ["global_step2", "global_step4", "latest"]
