@@ -427,8 +427,9 @@ def _load_without_optimizer(engine: Any, load_dir: str, tag: str, reason: str) -
         log.warning("%s: %s; DeepSpeed cannot reshard that optimizer state, so the weights, LR schedule "
                     "and iteration are loaded and the optimizer starts fresh (moments reset)",
                     os.path.join(load_dir, tag), reason)
-    client = _ds_load(engine, load_dir, tag, load_module_only=True, load_optimizer_states=False,
-                      load_lr_scheduler_states=False)
+    with _latest_view(engine, load_dir, tag) as view_dir:
+        client = _ds_load(engine, view_dir, tag, load_module_only=True, load_optimizer_states=False,
+                          load_lr_scheduler_states=False)
     if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
     for key in ("global_steps", "global_samples", "skipped_steps"):
