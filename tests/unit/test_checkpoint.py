@@ -294,3 +294,15 @@ def test_exact_resume_zero23_and_finetune_from_chosen_tag(tmp_path, zero):
         assert all(torch.equal(p, q) for p, q in zip(ft.module.parameters(), at2))
     left = sorted(n for n in os.listdir(args.checkpoint.save) if not n.endswith(".py"))  # DeepSpeed's zero_to_*.py
     assert left == ["global_step2", "global_step4", "latest"]
+
+
+def test_prune_spares_latest_and_pending_uploads(tmp_path):
+    for n in (1, 2, 3, 4, 10):
+        (tmp_path / f"global_step{n}").mkdir()
+    (tmp_path / "global_step5.partial").mkdir()
+    (tmp_path / "s3_cache").mkdir()
+    (tmp_path / "latest").write_text("global_step2")
+    removed = local.prune(str(tmp_path), 1, protect={"global_step1"})
+    assert removed == ["global_step3", "global_step4"]  # numeric order: step10 is the newest
+    assert sorted(os.listdir(tmp_path)) == ["global_step1", "global_step10", "global_step2", "global_step5.partial",
+                                            "latest", "s3_cache"]
