@@ -78,6 +78,8 @@ def batch_triple(
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: int) -> int:
     """NeoX's padded vocabulary: the next multiple of divisible_by * mp."""
+    if model_parallel_size < 1:  # derived before the validation rules run
+        raise key_error("model_parallel_size", f"expected an integer >= 1, got {model_parallel_size}")
     multiple = max(divisible_by, 1) * model_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
 
