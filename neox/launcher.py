@@ -235,7 +235,12 @@ def check_launchable(args: NeoXArgs) -> None:
     """Refuse a local launch whose planned ranks differ from this machine's GPUs (DeepSpeed would
     start one rank per GPU and every rank would then reject the config)."""
     la = args.launcher
-    if la.hostfile and parse_hostfile(la.hostfile) or la.deepspeed_slurm or (la.num_gpus and la.num_gpus > 0):
+    if la.hostfile and parse_hostfile(la.hostfile) or la.deepspeed_slurm:
+        return
+    from neox.config.validate import input_files_exist
+
+    input_files_exist(args)  # every rank runs here: fail before starting them
+    if la.num_gpus and la.num_gpus > 0:
         return
     gpus = detect_local_gpus()
     if gpus and gpus != args.parallel.world_size:

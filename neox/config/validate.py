@@ -212,6 +212,25 @@ RULES: list[Callable[[NeoXArgs], None]] = [
 ]
 
 
+def input_files_exist(a: NeoXArgs) -> None:
+    """The data and tokenizer files are readable here (not in RULES: a launch node may not see them;
+    deepy.py calls it for local launches and every rank calls it before building anything)."""
+    import os
+
+    d = a.data
+    prefixes = [("data_path", d.data_path)] if d.data_path and not d.train_data_paths else []
+    for split in ("train", "valid", "test"):
+        prefixes += [(f"{split}_data_paths", p) for p in getattr(d, f"{split}_data_paths")]
+    for key, prefix in prefixes:
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise key_error(key, f"{missing[0]}: dataset file not found (the path is the prefix without .bin/.idx)")
+    for key in ("vocab_file", "merge_file"):
+        path = getattr(a.tokenizer, key)
+        if path and not os.path.isfile(path):
+            raise key_error(key, f"{path}: file not found")
+
+
 def validate(args: NeoXArgs) -> None:
     """Run every rule; the first broken one raises a ConfigError."""
     for rule in RULES:

@@ -130,6 +130,9 @@ def _device_name(device: torch.device) -> str | None:
 
 
 def _prepare(args: NeoXArgs) -> tuple[NeoXArgs, torch.device, Any]:
+    from neox.config.validate import input_files_exist
+
+    input_files_exist(args)  # before any process group, model or file is made
     device = init_distributed(args)
     set_seeds(args.training.seed)
     from neox.tokenizer.build import build_tokenizer
