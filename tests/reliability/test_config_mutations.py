@@ -202,3 +202,44 @@ def test_deepy_exit_2_one_line_nothing_written(tmp_path):
         assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"neox: error: {path}: "), out.stderr
         assert key in out.stderr
         assert list(work.iterdir()) == []
+
+
+# ---- paths that don't exist -------------------------------------------------------------------
+# A dry run resolves configs whose files live on the cluster (a login node may not see them), so
+# missing inputs are refused by a real local launch, before any rank starts, and by every rank
+# before it builds anything.
+
+QUICKSTART_INPUTS = {
+    "train_data_paths": ["datasets/quickstart/no_such_text_document"],
+    "valid_data_paths": ["/nonexistent/valid_text_document"],
+    "vocab_file": "datasets/quickstart/no_such_tokenizer.model",
+}
+
+
+@pytest.mark.parametrize("key", sorted(QUICKSTART_INPUTS))
+def test_missing_input_paths_are_refused_at_launch(tmp_path, key):
+    conf = {**_base("quickstart"), key: QUICKSTART_INPUTS[key], "save": str(tmp_path / "save"),
+            "log_dir": str(tmp_path / "logs"), "tensorboard_dir": str(tmp_path / "tb")}
+    path = tmp_path / "conf.yml"
+    path.write_text(json.dumps(conf))
+    work = tmp_path / "work"
+    work.mkdir()
+    # the launch runs from the checkout so the config's relative paths resolve as a user's would
+    out = subprocess.run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(path)], cwd=ROOT,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"neox: error: {key}: "), out.stderr
+    assert "not found" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf.yml", "work"]
+
+
+def test_missing_data_is_refused_on_the_rank_before_anything_is_built(tmp_path, monkeypatch):
+    from neox.training.pretrain import pretrain
+
+    monkeypatch.chdir(ROOT)
+    conf = {**_base("quickstart"), "train_data_paths": ["/nonexistent/x_text_document"],
+            "save": str(tmp_path / "save"), "log_dir": str(tmp_path / "logs")}
+    args = NeoXArgs.from_flat(conf, world_size=1)  # what the rank rebuilds from the launcher's config
+    with pytest.raises(ConfigError, match=r"^train_data_paths: /nonexistent/x_text_document.bin: dataset file not found"):
+        pretrain(args)
+    assert list(tmp_path.iterdir()) == []
