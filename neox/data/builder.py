@@ -20,7 +20,7 @@ from neox.data.blendable import (
 from neox.data.gpt_dataset import GPTDataset
 from neox.data.indexed_dataset import make_dataset
 from neox.data.samplers import MegatronPretrainingSampler
-from neox.errors import ConfigError
+from neox.errors import ConfigError, NeoXError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _open(prefix: str, data_cfg: Any) -> Any:
 
 
 def _blend(name: str, prefixes: Sequence[str], weights: Sequence[float], num_samples: int, *, data_cfg: Any,
-           seq_length: int, seed: int) -> Any:
+           seq_length: int, seed: int, vocab_size: int | None = None) -> Any:
     """One split from weighted whole datasets (train/valid/test_data_paths)."""
     indexed = [_open(p, data_cfg) for p in prefixes]
     if getattr(data_cfg, "weight_by_num_documents", False):
@@ -57,7 +57,7 @@ def _blend(name: str, prefixes: Sequence[str], weights: Sequence[float], num_sam
     w = normalize_weights(weights, len(prefixes), key=f"{name}_data_weights")
     needed = samples_per_dataset(list(w), num_samples) if len(prefixes) > 1 else [num_samples]
     datasets = [
-        GPTDataset(name, prefix, np.arange(len(ds)), ds, max(n, 1), seq_length, seed)
+        GPTDataset(name, prefix, np.arange(len(ds)), ds, max(n, 1), seq_length, seed, vocab_size=vocab_size)
         for prefix, ds, n in zip(prefixes, indexed, needed)
     ]
     if len(datasets) == 1:
@@ -65,7 +65,8 @@ def _blend(name: str, prefixes: Sequence[str], weights: Sequence[float], num_sam
     return BlendableDataset(datasets, list(w), num_samples)
 
 
-def build_datasets(data_cfg: Any, *, seq_length: int, seed: int, num_samples: Sequence[int]) -> list[Any]:
+def build_datasets(data_cfg: Any, *, seq_length: int, seed: int, num_samples: Sequence[int],
+                   vocab_size: int | None = None) -> list[Any]:
     """[train, valid, test] datasets (``None`` where a split has no data or needs no samples)."""
     out: list[Any] = [None, None, None]
     if data_cfg.train_data_paths:
@@ -73,7 +74,7 @@ def build_datasets(data_cfg: Any, *, seq_length: int, seed: int, num_samples: Se
             paths = getattr(data_cfg, f"{name}_data_paths")
             if paths and num_samples[i] > 0:
                 out[i] = _blend(name, paths, getattr(data_cfg, f"{name}_data_weights"), num_samples[i],
-                                data_cfg=data_cfg, seq_length=seq_length, seed=seed)
+                                data_cfg=data_cfg, seq_length=seq_length, seed=seed, vocab_size=vocab_size)
         return out
     if not data_cfg.data_path:
         raise ConfigError("data_path / train_data_paths: no training data configured; set one of them")
@@ -81,7 +82,7 @@ def build_datasets(data_cfg: Any, *, seq_length: int, seed: int, num_samples: Se
     for i, (start, stop) in enumerate(split_ranges(data_cfg.split, len(indexed))):
         if stop > start and num_samples[i] > 0:
             out[i] = GPTDataset(SPLITS[i], data_cfg.data_path, np.arange(start, stop), indexed,
-                                num_samples[i], seq_length, seed)
+                                num_samples[i], seq_length, seed, vocab_size=vocab_size)
     if out[0] is None:
         raise ConfigError(f"split: {data_cfg.split!r} leaves no training documents in {data_cfg.data_path}")
     return out
@@ -94,19 +95,42 @@ def _loader(dataset: Any, consumed: int, micro_batch_size: int, dp_rank: int, dp
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
-    return iter(loader)
+    return _OneLineErrors(iter(loader))
+
+
+class _OneLineErrors:
+    """Re-raise a NeoXError from a DataLoader worker with its own message, not the worker's traceback."""
+
+    def __init__(self, it: Iterator[dict[str, torch.Tensor]]) -> None:
+        self._it = it
+
+    def __iter__(self) -> _OneLineErrors:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        try:
+            return next(self._it)
+        except NeoXError as err:
+            text = str(err).strip()
+            if not text.startswith("Caught "):
+                raise
+            last = text.splitlines()[-1]
+            raise type(err)(last.split(f"{type(err).__name__}: ", 1)[-1]) from None
 
 
 def build_data_iterators(data_cfg: Any, *, seq_length: int, seed: int, micro_batch_size: int,
                          global_batch_size: int, dp_rank: int, dp_size: int, train_iters: int,
                          eval_interval: int, eval_iters: int, consumed_train_samples: int = 0,
-                         consumed_valid_samples: int = 0) -> DataIterators:
-    """Train/valid/test iterators for this data-parallel rank, resuming at the consumed counts."""
+                         consumed_valid_samples: int = 0, vocab_size: int | None = None) -> DataIterators:
+    """Train/valid/test iterators for this data-parallel rank, resuming at the consumed counts.
+
+    ``vocab_size``: token ids at or above it raise a DataError naming the file and document.
+    """
     if global_batch_size % (micro_batch_size * dp_size):
         raise ConfigError(f"global batch {global_batch_size} is not a multiple of micro_batch {micro_batch_size} "
                           f"x data-parallel size {dp_size}")
     counts = split_num_samples(global_batch_size, train_iters, eval_interval, eval_iters)
-    datasets = build_datasets(data_cfg, seq_length=seq_length, seed=seed, num_samples=counts)
+    datasets = build_datasets(data_cfg, seq_length=seq_length, seed=seed, num_samples=counts, vocab_size=vocab_size)
     # Validation wraps around (evaluation re-reads its set); training past its samples is an error.
     valid_len = len(datasets[1]) if datasets[1] is not None else 1
     consumed = [consumed_train_samples, consumed_valid_samples % valid_len, 0]

@@ -168,9 +168,11 @@ class GPTDataset(torch.utils.data.Dataset):
     """Samples ``{"text": int64[seq_length + 1]}`` over ``documents`` of ``indexed_dataset``."""
 
     def __init__(self, name: str, data_prefix: str, documents: np.ndarray, indexed_dataset: MMapIndexedDataset,
-                 num_samples: int, seq_length: int, seed: int, cache_dir: str | None = None) -> None:
+                 num_samples: int, seq_length: int, seed: int, cache_dir: str | None = None,
+                 vocab_size: int | None = None) -> None:
         self.name, self.seq_length = name, seq_length
         self.indexed_dataset = indexed_dataset
+        self.vocab_size = vocab_size  # token ids must stay below it (checked per sample: ~1 us)
         documents = np.asarray(documents, dtype=np.int64)
         if len(documents) == 0:
             raise DataError(f"{data_prefix}: the {name} split has no documents")
@@ -194,4 +196,17 @@ class GPTDataset(torch.utils.data.Dataset):
             parts += [ds.get(int(self.doc_idx[d])) for d in range(doc_f + 1, doc_l)]
             parts.append(ds.get(int(self.doc_idx[doc_l]), length=off_l + 1))
             tokens = np.concatenate(parts)
+        if self.vocab_size is not None and len(tokens) and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            self._bad_token(doc_f, doc_l)
         return {"text": np.asarray(tokens, dtype=np.int64)}
+
+    def _bad_token(self, doc_f: int, doc_l: int) -> None:
+        """Raise a DataError naming the file and the first document of the sample with an id out of range."""
+        ds = self.indexed_dataset
+        for d in range(doc_f, doc_l + 1):
+            doc = int(self.doc_idx[d])
+            ids = ds.get(doc)
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            if bad.size:
+                raise DataError(f"{ds.path}.bin: document {doc} holds token id {int(bad[0])}, outside the model's "
+                                f"vocabulary [0, {self.vocab_size}); was it tokenized with another tokenizer?")

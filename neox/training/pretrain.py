@@ -170,6 +170,7 @@ def _iterators(args: NeoXArgs, state: TrainState) -> Any:
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
         train_iters=t.train_iters, eval_interval=t.eval_interval, eval_iters=t.eval_iters,
         consumed_train_samples=state.consumed_train_samples, consumed_valid_samples=state.consumed_valid_samples,
+        vocab_size=args.model.padded_vocab_size,
     )
 
 
