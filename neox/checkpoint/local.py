@@ -163,30 +163,53 @@ def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, 
         shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that crashed
     _barrier()
     extra = {} if save_optimizer else {"optimizer": None}  # DeepSpeed lets client_state override its keys
-    with _recording_writes(engine) as written:
-        engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
-                               save_latest=False)
-    if save_rng:
-        save_rng_state(partial_dir, _rank())  # fsynced there
-    if _rank() == 0 and args_flat is not None:
-        with open(os.path.join(partial_dir, ARGS_NAME), "w") as f:
-            json.dump(redact(args_flat), f, indent=1, sort_keys=True, default=str)
-        if written is not None:
-            written.append(os.path.join(partial_dir, ARGS_NAME))
-    _fsync_written(partial_dir, written)
-    _barrier()  # every rank's files are on disk
+    error = None
+    try:
+        with _recording_writes(engine) as written:
+            engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
+                                   save_latest=False)
+        if save_rng:
+            save_rng_state(partial_dir, _rank())  # fsynced there
+        if _rank() == 0 and args_flat is not None:
+            with open(os.path.join(partial_dir, ARGS_NAME), "w") as f:
+                json.dump(redact(args_flat), f, indent=1, sort_keys=True, default=str)
+            if written is not None:
+                written.append(os.path.join(partial_dir, ARGS_NAME))
+        _fsync_written(partial_dir, written)
+    except (OSError, RuntimeError) as err:  # disk full, quota, I/O error (torch's writer raises RuntimeError)
+        error = f"rank {_rank()}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    # every rank's files are on disk, or every rank learns that one could not write them
+    _fail_save(save_dir, partial_dir, [e for e in _all_gather(error) if e])
     if not save_optimizer and _rank() == 0:
         for name in os.listdir(partial_dir):
             if name.endswith("optim_states.pt"):
                 os.remove(os.path.join(partial_dir, name))
     files = _hash_shared(partial_dir)
     final_dir = os.path.join(save_dir, tag)
+    error = None
     if _rank() == 0:
-        mf.write_manifest(partial_dir, files, tag=tag, iteration=iteration, layout=engine_layout(engine),
-                          optimizer=save_optimizer, validation_loss=validation_loss)
-        _commit(save_dir, tag)
-    _barrier()
+        try:
+            mf.write_manifest(partial_dir, files, tag=tag, iteration=iteration, layout=engine_layout(engine),
+                              optimizer=save_optimizer, validation_loss=validation_loss)
+            _commit(save_dir, tag)
+        except OSError as err:
+            error = f"rank 0: {type(err).__name__}: {err}"
+    _fail_save(save_dir, partial_dir, [e for e in _all_gather(error) if e])
     return final_dir
+
+
+def _fail_save(save_dir: str, partial_dir: str, errors: list[str]) -> None:
+    """After a failed write: remove the partial tag (freeing its space) and raise a one-line error."""
+    if not errors:
+        return
+    free = shutil.disk_usage(save_dir).free if os.path.isdir(save_dir) else 0
+    if _rank() == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    _barrier()
+    latest = read_latest(save_dir)
+    raise CheckpointError(
+        f"save: {partial_dir}: writing the checkpoint failed ({errors[0]}; {free} bytes free on that filesystem); "
+        f"removed the partial save, latest still names {latest or 'no checkpoint'}")
 
 
 def _commit(save_dir: str, tag: str) -> None:
