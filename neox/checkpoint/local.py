@@ -341,6 +341,42 @@ def _needs_module_only(engine: Any, manifest: dict[str, Any] | None) -> str | No
     return None
 
 
+_MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+
+
+def saved_layout(tag_dir: str) -> tuple[int, bool] | None:
+    """(tensor-parallel size, pipeline format) as the tag's file names show it; None without model files."""
+    names = os.listdir(tag_dir)
+    layer_tp = [int(m.group(2)) for n in names if (m := _LAYER_FILE.match(n))]
+    if layer_tp:
+        return max(layer_tp) + 1, True
+    mp = [int(m.group(1)) for n in names if (m := _MP_FILE.match(n))]
+    return (max(mp) + 1, False) if mp else None
+
+
+def check_layout(engine: Any, tag_dir: str) -> None:
+    """Refuse a checkpoint of another tensor-parallel size or module format before DeepSpeed reads it
+    (DeepSpeed would fail deep inside with an unrelated AssertionError or TypeError)."""
+    saved = saved_layout(tag_dir)
+    if saved is None:
+        return
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    is_pipe = isinstance(engine, PipelineEngine)
+    # a pipeline engine's mp_world_size counts pipeline x tensor ranks; its grid knows the tensor size
+    tp = engine.grid.get_slice_parallel_world_size() if is_pipe else getattr(engine, "mp_world_size", 1)
+    now = (int(tp or 1), is_pipe)
+    if saved != now:
+        def kind(pipe: bool) -> str:
+            return "pipeline (pipe_parallel_size >= 1)" if pipe else "plain (pipe_parallel_size 0)"
+
+        raise CheckpointError(
+            f"{tag_dir}: saved with model_parallel_size {saved[0]} as a {kind(saved[1])} model, but this run has "
+            f"model_parallel_size {now[0]} and a {kind(now[1])} model; convert it with "
+            f"tools/reshard_checkpoint.py --num_output_shards {now[0]} --pipe_parallel_size {1 if now[1] else 0}")
+
+
 def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, load_optimizer: bool = True,
          load_rng: bool = True, checksums: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Load ``{load_dir}/{tag}`` into ``engine`` (a collective).
@@ -350,6 +386,7 @@ def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, loa
     """
     tag_dir = os.path.join(load_dir, tag)
     manifest = verify_shared(tag_dir, checksums=checksums)
+    check_layout(engine, tag_dir)
     if module_only:
         with _latest_view(engine, load_dir, tag) as view_dir:
             _ds_load(engine, view_dir, tag, load_module_only=True, load_optimizer_states=False,
