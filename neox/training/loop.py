@@ -123,7 +123,8 @@ def _step(ctx: TrainContext, train_iter: Iterator) -> StepResult:
     if ctx.is_pipe:
         return train_step_pipe(ctx.engine, train_iter, device=ctx.device, breakdown=breakdown)
     return train_step(ctx.engine, train_iter, eod=ctx.eod, eod_mask_loss=ctx.args.data.eod_mask_loss,
-                      device=ctx.device, loss_fn=ctx.loss_fn, breakdown=breakdown)
+                      device=ctx.device, loss_fn=ctx.loss_fn, grad_clip=ctx.args.optim.gradient_clipping,
+                      breakdown=breakdown)
 
 
 def _account(ctx: TrainContext, state: TrainState, res: StepResult, nan_run: int) -> int:

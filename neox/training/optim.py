@@ -19,6 +19,7 @@ import torch
 
 from neox.config import NeoXArgs
 from neox.errors import ConfigError
+from neox.training.grad_clip import uses_own_clipping
 
 ADAM_TYPES = ("adam", "adamw", "fusedadam", "cpu_adam")
 
@@ -88,6 +89,11 @@ def deepspeed_config_for(args: NeoXArgs, optimizer: torch.optim.Optimizer) -> di
     config = dict(args.deepspeed_config())
     config.pop("optimizer", None)
     config.pop("scheduler", None)
+    zero = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if (args.parallel.pipe_parallel_size == 0 and
+            uses_own_clipping(zero, (config.get("fp16") or {}).get("enabled", False),
+                              (config.get("bf16") or {}).get("enabled", False))):
+        config["gradient_clipping"] = 0.0  # train_step clips (foreach kernels, keeps the norm)
     if _offloads_optimizer(config.get("zero_optimization") or {}) and type(optimizer).__name__ != "DeepSpeedCPUAdam":
         # Without DeepSpeed's compiled CPU Adam, offload runs torch AdamW on the CPU copy.
         config["zero_force_ds_cpu_optimizer"] = False

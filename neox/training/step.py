@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
+from neox.training.grad_clip import clip_grad_norm_, uses_own_clipping
 
 
 @dataclass
@@ -83,6 +84,10 @@ class _Timer:
         return now
 
 
+def _to_float(value: torch.Tensor | None) -> float | None:
+    return None if value is None else float(value.item())
+
+
 def _grad_norm(engine: Any) -> float | None:
     norm = engine.get_global_grad_norm()
     if norm is None:
@@ -90,22 +95,21 @@ def _grad_norm(engine: Any) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def _plain_fp32_grad_norm(engine: Any) -> float | None:
-    """The fp32 ZeRO-0 engine clips without keeping the norm; compute it (TP-aware) before its step."""
-    if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
-        return None
-    from deepspeed.runtime.utils import get_flattened_grad_norm
-
-    return float(get_flattened_grad_norm([p for p in engine.module.parameters() if p.grad is not None], mpu=engine.mpu))
+def _own_clipping(engine: Any) -> bool:
+    return uses_own_clipping(int(engine.zero_optimization_stage()), engine.fp16_enabled(), engine.bfloat16_enabled())
 
 
 def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
-               device: torch.device, loss_fn: Any, breakdown: bool = False) -> StepResult:
-    """One optimizer step on a plain (non-pipeline) engine."""
+               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False) -> StepResult:
+    """One optimizer step on a plain (non-pipeline) engine.
+
+    ``grad_clip`` is applied here on engines whose clipping neox does itself (``grad_clip``
+    module); elsewhere DeepSpeed clips with the config's ``gradient_clipping``.
+    """
     timer = _Timer(breakdown, device)
     engine.train()
     losses = []
-    fp32_norm = None
+    own_norm = None
     for _ in range(engine.gradient_accumulation_steps()):
         t = time.perf_counter()
         tokens, labels, loss_mask = get_batch(next(data_iter), eod, eod_mask_loss, device)
@@ -114,14 +118,14 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
         t = timer.mark("forward", t)
         engine.backward(loss)
         t = timer.mark("backward", t)
-        if engine.is_gradient_accumulation_boundary():
-            fp32_norm = _plain_fp32_grad_norm(engine)
+        if engine.is_gradient_accumulation_boundary() and _own_clipping(engine):
+            own_norm = clip_grad_norm_(engine.module.parameters(), grad_clip)
         engine.step()
         timer.mark("optimizer", t)
         losses.append(loss.detach().float())
     mean = dp_mean(torch.stack(losses).mean())
     norm = _grad_norm(engine)
-    return StepResult(float(mean), bool(engine.was_step_applied()), norm if norm is not None else fp32_norm,
+    return StepResult(float(mean), bool(engine.was_step_applied()), norm if norm is not None else _to_float(own_norm),
                       timer.ms)
 
 
