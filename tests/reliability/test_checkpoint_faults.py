@@ -1,0 +1,173 @@
+"""Damaged checkpoints and failed saves: a one-line CheckpointError, never a silent partial load.
+
+A DeepSpeed engine around a toy model (tests/unit/test_checkpoint.py) saves real tags; the tests
+damage them (missing shards, truncated or flipped bytes, a garbage manifest or ``latest``), fill
+the disk during a save, and load converter-written checkpoints of another parallel layout into a
+tiny GPTModel engine. The reference for "still loads" is the weights recorded at save time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from neox.checkpoint import load_checkpoint, save_checkpoint
+from neox.errors import CheckpointError
+from neox.training.state import TrainState
+from tests.unit.test_checkpoint import _args, init_single_rank, toy_engine, toy_run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dist():
+    init_single_rank()
+
+
+def _weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _saved(tmp_path: Path, steps: int = 1, **kw):
+    args = _args(tmp_path, **kw)
+    engine = toy_engine(seed=0)
+    state = TrainState()
+    toy_run(engine, state, steps)
+    save_checkpoint(engine, args, state, steps)
+    return args, _weights(engine)
+
+
+def _load_error(args, **engine_kw) -> str:
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(toy_engine(seed=1, **engine_kw), args)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "model_states_missing": (lambda d: (d / "mp_rank_00_model_states.pt").unlink(), "mp_rank_00_model_states.pt"),
+    "rng_missing": (lambda d: (d / "rng_state_rank0.pt").unlink(), "rng_state_rank0.pt"),
+    "model_states_truncated": (lambda d: os.truncate(d / "mp_rank_00_model_states.pt", 100), "size"),
+    "model_states_flipped": (lambda d: _flip_byte(d / "mp_rank_00_model_states.pt"), "checksum"),
+    "args_flipped": (lambda d: _flip_byte(d / "neox_args.json"), "neox_args.json"),
+    "manifest_garbage": (lambda d: (d / "manifest.json").write_text("{not json"), "unreadable manifest"),
+    "manifest_no_files": (lambda d: (d / "manifest.json").write_text("[]"), "manifest"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_damaged_tag_is_refused(tmp_path, how):
+    args, _ = _saved(tmp_path)
+    damage, needle = DAMAGE[how]
+    damage(Path(args.checkpoint.save) / "global_step1")
+    msg = _load_error(args)
+    assert needle in msg and "global_step1" in msg, msg
+
+
+def test_dangling_or_garbage_latest(tmp_path):
+    args, _ = _saved(tmp_path)
+    save = Path(args.checkpoint.save)
+    (save / "latest").write_text("global_step9")
+    assert "names 'global_step9'" in _load_error(args)
+    (save / "latest").write_text("../../etc")
+    assert "does not exist" in _load_error(args)
+    shutil.move(save / "global_step1", save / "global_step1.partial")
+    args = _args(tmp_path).__class__(checkpoint=args.checkpoint.__class__(load=str(save / "global_step1.partial")))
+    assert "interrupted save" in _load_error(args)
+
+
+def test_wrong_shapes_name_the_tensor(tmp_path):
+    args, _ = _saved(tmp_path)
+    msg = _load_error(args, width=16)
+    assert "has shape [8, 4] in the checkpoint but [16, 4] in the model" in msg, msg
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    try:
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+    mnt = tmp_path / "small_fs"
+    if not _mount_tmpfs(mnt, "256k"):
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        args = _args(mnt)
+        engine, state = toy_engine(seed=0, width=2000), TrainState()  # ~170 kB a tag: one fits, two don't
+        toy_run(engine, state, 1)
+        save_checkpoint(engine, args, state, 1)
+        saved = _weights(engine)
+        toy_run(engine, state, 1)
+        with pytest.raises(CheckpointError) as err:
+            save_checkpoint(engine, args, state, 2)
+        msg = str(err.value)
+        assert "\n" not in msg and "global_step2.partial: writing the checkpoint failed" in msg, msg
+        assert "latest still names global_step1" in msg and "bytes free" in msg, msg
+        save = Path(args.checkpoint.save)
+        assert sorted(os.listdir(save)) == ["global_step1", "latest"]  # partial removed, space freed
+        fresh = toy_engine(seed=3, width=2000)
+        assert load_checkpoint(fresh, args).iteration == 1
+        for name, tensor in _weights(fresh).items():
+            assert torch.equal(tensor, saved[name]), name
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20)
+
+
+# ---- another parallel layout ----------------------------------------------------------------
+
+
+def _gpt_engine():
+    from megatron_core import parallel_state
+    from neox.config import NeoXArgs
+    from neox.training.pretrain import build_engine, build_model
+
+    if not parallel_state.is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, train_micro_batch_size_per_gpu=2,
+                padded_vocab_size=128, optimizer={"type": "Adam", "params": {"lr": 1e-3}}, train_iters=2,
+                tokenizer_type="CharLevelTokenizer")
+    args = NeoXArgs.from_flat(base, world_size=1)
+    model = build_model(args, torch.device("cpu"))
+    engine, _ = build_engine(args, model, torch.device("cpu"))
+    return base, args, engine, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_another_parallel_layout_is_refused_with_the_reshard_command(tmp_path):
+    from megatron_core import parallel_state
+    from neox.checkpoint import keys
+    from neox.config import NeoXArgs
+
+    base, args, engine, full = _gpt_engine()
+    try:
+        for tp, pp, finetune in [(2, 0, True), (2, 0, False), (1, 1, True)]:
+            out = tmp_path / f"tp{tp}pp{pp}"
+            if not out.exists():
+                keys.write_weights(full, args.model, out, tp, pp, progress=False)
+            load_args = NeoXArgs.from_flat({**base, "load": str(out), "finetune": finetune}, world_size=1)
+            with pytest.raises(CheckpointError) as err:
+                load_checkpoint(engine, load_args)
+            msg = str(err.value)
+            assert "\n" not in msg and f"saved with model_parallel_size {tp}" in msg, msg
+            assert "tools/reshard_checkpoint.py --num_output_shards 1 --pipe_parallel_size 0" in msg, msg
+        # the same weights in this run's layout load
+        keys.write_weights(full, args.model, tmp_path / "tp1pp0", 1, 0, progress=False)
+        ok = NeoXArgs.from_flat({**base, "load": str(tmp_path / "tp1pp0"), "finetune": True}, world_size=1)
+        assert load_checkpoint(engine, ok).iteration == 0
+        assert all(torch.equal(v, full[k]) for k, v in engine.module.state_dict().items())
+    finally:
+        parallel_state.destroy_model_parallel()
