@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,8 @@ class TrainContext:
     peak_tflops: float | None = None
     losses: list[float] = field(default_factory=list)
     """Every iteration's loss (kept for tests and the final summary)."""
+    weights_suspect: bool = False
+    """A step with a non-finite loss was applied (no fp16 loss scaler skipped it): don't save."""
 
     @property
     def is_pipe(self) -> bool:
@@ -136,7 +139,10 @@ def _account(ctx: TrainContext, state: TrainState, res: StepResult, nan_run: int
     if not res.applied:
         state.skipped_iters += 1
     if math.isfinite(res.loss):
+        ctx.weights_suspect = False
         return 0
+    if res.applied and not ctx.engine.fp16_enabled():
+        ctx.weights_suspect = True  # non-finite gradients went into the weights
     state.nan_iters += 1
     nan_run += 1
     limit = ctx.args.training.max_nan_iterations
@@ -165,6 +171,11 @@ def run_eval(ctx: TrainContext, state: TrainState, data_iter: Iterator | None, s
 
 def _save(ctx: TrainContext, state: TrainState) -> None:
     if ctx.save_fn is not None and ctx.args.checkpoint.save:
+        if ctx.weights_suspect:  # never replace the last good checkpoint with non-finite weights
+            logging.getLogger(__name__).warning(
+                "not saving iteration %d: a non-finite loss was applied to the weights; latest stays at the "
+                "last checkpoint with finite losses", state.iteration)
+            return
         ctx.save_fn(state, state.iteration)
 
 
