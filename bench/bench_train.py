@@ -22,33 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def build_tokenizer(vocab: int, path: Path) -> None:
-    """A word-level tokenizer with exactly ``vocab`` entries (the last one is the EOD text)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = {f"t{i}": i for i in range(vocab - 1)}
-    words["<|endoftext|>"] = vocab - 1
-    tok = Tokenizer(models.WordLevel(words, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path))
-
-
-def build_data(prefix: Path, vocab: int, tokens: int, doc_len: int = 8192, seed: int = 0) -> None:
-    from neox.data.indexed_dataset import make_builder
-
-    rng = np.random.default_rng(seed)
-    builder = make_builder(str(prefix) + ".bin", vocab_size=vocab)
-    for _ in range(max(1, tokens // doc_len)):
-        builder.add_item(rng.integers(0, vocab - 1, size=doc_len, dtype=np.int64))
-        builder.end_document()
-    builder.finalize(str(prefix) + ".idx")
+from bench.common import build_data, build_tokenizer  # noqa: E402  (shared with bench/multi_gpu.py)
 
 
 def model_shape(config: dict) -> dict:
