@@ -76,5 +76,16 @@ def load_rng_state(tag_dir: str, rank: int) -> bool:
     path = rng_file(tag_dir, rank)
     if not os.path.isfile(path):
         return False
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
+    # weights_only: unpickling runs no code; NumPy's state array is the only non-tensor object allowed
+    with torch.serialization.safe_globals(_numpy_state_globals()):
+        set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
     return True
+
+
+def _numpy_state_globals() -> list[Any]:
+    """What unpickling ``np.random.get_state()`` needs (an ndarray of uint32)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
