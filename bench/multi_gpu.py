@@ -284,31 +284,57 @@ def select(args: argparse.Namespace, gpus: int) -> tuple[list[plan.Case], tuple[
     return cases, groups
 
 
+class Recorder:
+    """Appends each row to results.jsonl as soon as it exists (a run killed at its time limit keeps
+    what finished) and refuses new runs once ``budget`` seconds have passed."""
+
+    def __init__(self, out: Path, meta: dict[str, Any], budget: float | None) -> None:
+        self.path, self.meta, self.budget, self.start = out / "results.jsonl", meta, budget, time.time()
+        self.rows: list[dict[str, Any]] = []
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and time.time() - self.start > self.budget
+
+    def add(self, *rows: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            for r in rows:
+                self.rows.append(r)
+                f.write(json.dumps({**r, **self.meta}) + "\n")
+                print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+
+    def skip(self, name: str, group: str) -> None:
+        self.add({"case": name, "group": group, "gpus": 0, "layout": "", "status": "skipped",
+                  "error": f"--budget {self.budget:.0f} s spent"})
+
+
 def run_all(cases: list[plan.Case], groups: tuple[str, ...], args: argparse.Namespace, gpus: int,
-            extra: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
-    out, work = Path(args.out), Path(args.work)
-    datasets = build_datasets(cases, work)
-    rows: list[dict[str, Any]] = []
+            extra: dict[str, Any], env: dict[str, str], rec: Recorder) -> None:
+    """Anchors first (short, and the ratio needs them), then the cases, then the resume chain."""
+    out = Path(args.out)
+    datasets = build_datasets(cases, Path(args.work))
+    anchors = [(2, False, 1), (2, True, 2)] if "anchor" in groups else []
+    anchors += [(8, True, 2)] if "anchor8" in groups and gpus >= 8 else []
+    for n, ac, mbs in anchors:
+        name = f"anchor/fsdp2_{n}gpu_{'ac' if ac else 'noac'}_mbs{mbs}"
+        if args.cpu_smoke:
+            rec.add({"case": name, "group": "anchor", "gpus": n, "layout": "FSDP2", "status": "skipped",
+                     "error": "needs CUDA + NCCL"})
+        elif rec.over_budget():
+            rec.skip(name, "anchor")
+        else:
+            rec.add(run_anchor(args.anchor, n, ac, mbs, env, args.timeout))
     resume = [c for c in cases if c.group == "resume"]
     bar = tqdm([c for c in cases if c.group != "resume"], desc="multi-GPU runs", unit="run")
     for case in bar:
         bar.set_postfix_str(case.name)
-        rows.append(run_case(case, out, datasets[vocab_of(case)], extra, env, args.timeout))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
-    if resume:
-        rows += run_resume(resume, out, datasets[vocab_of(resume[0])], extra, env, args.timeout)
-    anchors = []
-    if "anchor" in groups:
-        anchors += [(2, False, 1), (2, True, 2)]
-    if "anchor8" in groups and gpus >= 8:
-        anchors += [(8, True, 2)]
-    for n, ac, mbs in anchors:
-        if args.cpu_smoke:
-            rows.append({"case": f"anchor/fsdp2_{n}gpu_{'ac' if ac else 'noac'}_mbs{mbs}", "group": "anchor", "gpus": n, "layout": "FSDP2",
-                         "status": "skipped", "error": "needs CUDA + NCCL"})
+        if rec.over_budget():
+            rec.skip(case.name, case.group)
             continue
-        rows.append(run_anchor(args.anchor, n, ac, mbs, env, args.timeout))
-    return rows
+        rec.add(run_case(case, out, datasets[vocab_of(case)], extra, env, args.timeout))
+    if resume and rec.over_budget():
+        rec.skip("resume/*", "resume")
+    elif resume:
+        rec.add(*run_resume(resume, out, datasets[vocab_of(resume[0])], extra, env, args.timeout))
 
 
 def print_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
@@ -351,7 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anchor", default=".carry/fsdp2_anchor.py", help="fsdp2_anchor.py (next to its peers.py)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shapes on gloo CPU ranks: the plan end to end")
     p.add_argument("--smoke-steps", type=int, default=10)
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--budget", type=float, default=None,
+                   help="start no run after this many seconds (the table still prints); e.g. 480 under a 600 s limit")
     p.add_argument("--work", default=None, help="synthetic data folder (default: runs/multi_gpu/data)")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/multi_gpu"))
     args = p.parse_args(argv)
@@ -372,20 +400,18 @@ def main(argv: list[str] | None = None) -> int:
         extra[key.replace("-", "_")] = yaml.safe_load(value)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    rows = run_all(cases, groups, args, gpus, extra, env)
     tol = FP32 if args.cpu_smoke else BF16
+    rec = Recorder(out, {"cpu_smoke": args.cpu_smoke, "tolerance": asdict(tol)}, args.budget)
+    run_all(cases, groups, args, gpus, extra, env, rec)
+    rows = rec.rows
     checks = checks_for(rows, cases, tol)
-    with open(out / "results.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "cpu_smoke": args.cpu_smoke, "tolerance": asdict(tol)}) + "\n")
     with open(out / "checks.jsonl", "a") as f:
         for c in checks:
             f.write(json.dumps(c) + "\n")
     print_table(rows, checks)
     failed = [r["case"] for r in rows if r["status"] == "failed"]
     missed = [c["check"] for c in checks if c.get("ok") is False]
-    secs = time.time() - start
+    secs = time.time() - rec.start
     print(f"\n{len(rows)} runs in {secs:.0f} s ({len(rows) / max(secs, 1e-9) * 60:.1f} runs/min); "
           f"failed: {failed or 'none'}; checks out of tolerance: {missed or 'none'}; results in {out}")
     return 1 if failed or missed else 0

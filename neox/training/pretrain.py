@@ -52,6 +52,10 @@ def init_distributed(args: NeoXArgs) -> torch.device:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    import deepspeed
+
+    # PipelineModule asks deepspeed.comm for ranks before deepspeed.initialize would set it up.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     if not parallel_state.is_initialized():
         parallel_state.initialize_model_parallel(args.parallel.model_parallel_size,
                                                  max(args.parallel.pipe_parallel_size, 1))
