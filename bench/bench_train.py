@@ -45,7 +45,7 @@ def run_neox(args: argparse.Namespace, work: Path, out: Path) -> dict:
         key, _, value = item.partition("=")
         overrides[key.replace("-", "_")] = yaml.safe_load(value)
     shape = {**model_shape(base), **{k: v for k, v in overrides.items() if k in model_shape(base)}}
-    vocab = shape["padded_vocab_size"] or 32000
+    vocab = shape["padded_vocab_size"] = shape["padded_vocab_size"] or 32000
     seq, mbs = shape["seq_length"], shape["train_micro_batch_size_per_gpu"]
     tok_path, prefix = work / "tokenizer.json", work / "synthetic_text_document"
     if not tok_path.exists():
