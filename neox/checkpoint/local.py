@@ -298,6 +298,17 @@ def verify_shared(tag_dir: str, checksums: bool = True) -> dict[str, Any] | None
     return manifest
 
 
+def check_pickles_shared(tag_dir: str) -> None:
+    """Refuse ``.pt`` files whose pickle names code other than tensor, NumPy or DeepSpeed state (a collective)."""
+    if os.environ.get("NEOX_TRUST_CHECKPOINT") == "1":
+        return
+    files = [n for n in mf.list_files(tag_dir) if n.endswith(".pt")]
+    problems = sorted(p for part in _all_gather(mf.pickle_problems(tag_dir, files[_rank()::_world()])) for p in part)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+
+
 _SHAPE_RE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
                        r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))")
 
@@ -387,6 +398,7 @@ def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, loa
     tag_dir = os.path.join(load_dir, tag)
     manifest = verify_shared(tag_dir, checksums=checksums)
     check_layout(engine, tag_dir)
+    check_pickles_shared(tag_dir)
     if module_only:
         with _latest_view(engine, load_dir, tag) as view_dir:
             _ds_load(engine, view_dir, tag, load_module_only=True, load_optimizer_states=False,

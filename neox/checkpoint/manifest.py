@@ -17,6 +17,7 @@ incomplete.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Iterable
@@ -167,3 +168,55 @@ def verify_tag(tag_dir: str, *, checksums: bool = True) -> dict[str, Any] | None
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
     return manifest
+
+
+# Pickled names a checkpoint may hold besides tensors and containers: NumPy's RNG state array, and
+# classes (never functions) defined in DeepSpeed or torch, e.g. ZeRO's ZeroStageEnum or LossScaler.
+_NUMPY_STATE = {"numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
+                "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"}
+_TRUSTED_PACKAGES = ("deepspeed", "torch")
+
+
+def _trusted_class(name: str) -> bool:
+    parts = name.split(".")
+    if parts[0] not in _TRUSTED_PACKAGES:
+        return False  # never import a module an untrusted file names
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return isinstance(obj, type) and obj.__module__.split(".")[0] in _TRUSTED_PACKAGES
+    return False
+
+
+def pickle_problems(tag_dir: str, rel_paths: Iterable[str]) -> list[str]:
+    """One line per ``.pt`` file whose pickle names a global other than the allowed ones.
+
+    DeepSpeed unpickles its files with ``weights_only=False`` (they hold its own classes), which
+    would run any callable a crafted file names; this static scan (torch's
+    ``get_unsafe_globals_in_checkpoint``) refuses such files before DeepSpeed opens them.
+    """
+    import torch
+
+    problems = []
+    for rel in sorted(rel_paths):
+        if not rel.endswith(".pt"):
+            continue
+        path = os.path.join(tag_dir, rel)
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 - any failure to parse is the file's fault
+            problems.append(f"{path}: not a readable torch.save file ({type(err).__name__}: {err})")
+            continue
+        bad = sorted(n for n in names if n not in _NUMPY_STATE and not n.startswith("numpy.dtypes.")
+                     and not _trusted_class(n))
+        if bad:
+            problems.append(f"{path}: the pickle names {', '.join(bad[:3])}, which is not tensor, NumPy or "
+                            "DeepSpeed state; refusing to unpickle it (NEOX_TRUST_CHECKPOINT=1 if you trust the file)")
+    return problems
