@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox.checkpoint import local  # noqa: E402
 from neox.checkpoint import manifest as mf  # noqa: E402
+from neox.errors import CheckpointError, NeoXError, format_error  # noqa: E402
 
 _MP = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -60,6 +61,9 @@ def tensors(tag_dir: str, names: list[str]) -> list[dict[str, Any]]:
     files = sorted(n for n in names if (_MP.match(n) and int(_MP.match(n).group(1)) == 0)
                    or (_LAYER.match(n) and int(_LAYER.match(n).group(2)) == 0))
     for name in files:
+        problems = mf.pickle_problems(tag_dir, [name])  # DeepSpeed's objects need weights_only=False
+        if problems:
+            raise CheckpointError(problems[0])
         sd = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=False)
         module = sd.get("module", sd) if isinstance(sd, dict) else {}
         prefix = f"layer_{_LAYER.match(name).group(1)}." if _LAYER.match(name) else ""
@@ -167,4 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except NeoXError as err:
+        if os.environ.get("NEOX_DEBUG") == "1":
+            raise
+        print(format_error(err), file=sys.stderr)
+        sys.exit(err.exit_code)
