@@ -74,7 +74,7 @@ def test_fp32_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     # iterations 3-5 had non-finite weights: not saved; latest names the last finite one
     assert local.read_latest(str(save)) == "global_step2"
     assert sorted(p.name for p in save.iterdir()) == ["global_step1", "global_step2", "latest"]
-    weights = torch.load(save / "global_step2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    weights = torch.load(save / "global_step2" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
