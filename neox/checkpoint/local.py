@@ -158,12 +158,15 @@ def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, 
     tag = tag_for(iteration)
     partial = tag + PARTIAL_SUFFIX
     partial_dir = os.path.join(save_dir, partial)
-    if _rank() == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that crashed
-    _barrier()
-    extra = {} if save_optimizer else {"optimizer": None}  # DeepSpeed lets client_state override its keys
     error = None
+    if _rank() == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+        except OSError as err:  # read-only or unwritable: every rank raises below
+            error = f"rank 0: {type(err).__name__}: {err}"
+        shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that crashed
+    _fail_save(save_dir, partial_dir, [e for e in _all_gather(error) if e])
+    extra = {} if save_optimizer else {"optimizer": None}  # DeepSpeed lets client_state override its keys
     try:
         with _recording_writes(engine) as written:
             engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
@@ -203,12 +206,15 @@ def _fail_save(save_dir: str, partial_dir: str, errors: list[str]) -> None:
     if not errors:
         return
     free = shutil.disk_usage(save_dir).free if os.path.isdir(save_dir) else 0
+    # DeepSpeed swallows its own makedirs error; torch then only says the directory does not exist
+    unwritable = "; the directory is not writable" if os.path.isdir(save_dir) and not os.access(save_dir, os.W_OK) else ""
     if _rank() == 0:
         shutil.rmtree(partial_dir, ignore_errors=True)
     _barrier()
     latest = read_latest(save_dir)
     raise CheckpointError(
-        f"save: {partial_dir}: writing the checkpoint failed ({errors[0]}; {free} bytes free on that filesystem); "
+        f"save: {partial_dir}: writing the checkpoint failed ({errors[0]}; {free} bytes free on that filesystem"
+        f"{unwritable}); "
         f"removed the partial save, latest still names {latest or 'no checkpoint'}")
 
 
