@@ -128,6 +128,31 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20)
 
 
+def test_read_only_save_directory(tmp_path):
+    mnt = tmp_path / "ro_fs"
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        args = _args(mnt)
+        engine, state = toy_engine(seed=0), TrainState()
+        toy_run(engine, state, 1)
+        save_checkpoint(engine, args, state, 1)
+        saved = _weights(engine)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True, timeout=20)
+        toy_run(engine, state, 1)
+        with pytest.raises(CheckpointError, match=r"global_step2.partial: writing the checkpoint failed .*"
+                                                  r"the directory is not writable.*latest still names global_step1"):
+            save_checkpoint(engine, args, state, 2)
+        elsewhere = _args(mnt / "new")  # a save directory that cannot even be created
+        with pytest.raises(CheckpointError, match=r"rank 0: OSError: \[Errno 30\] Read-only file system"):
+            save_checkpoint(engine, elsewhere, state, 2)
+        fresh = toy_engine(seed=3)
+        assert load_checkpoint(fresh, args).iteration == 1
+        assert all(torch.equal(t, saved[n]) for n, t in _weights(fresh).items())
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20)
+
+
 # ---- another parallel layout ----------------------------------------------------------------
 
 
