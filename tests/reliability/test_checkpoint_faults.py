@@ -89,7 +89,7 @@ def test_dangling_or_garbage_latest(tmp_path):
 def test_wrong_shapes_name_the_tensor(tmp_path):
     args, _ = _saved(tmp_path)
     msg = _load_error(args, width=16)
-    assert "has shape [8, 4] in the checkpoint but [16, 4] in the model" in msg, msg
+    assert "tensor 0.weight has shape [8, 4] in the checkpoint but [16, 4] in the model" in msg, msg
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
