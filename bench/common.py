@@ -97,9 +97,9 @@ def data_overrides(tok_path: Path, prefix: Path) -> dict[str, Any]:
 class DeepyError(RuntimeError):
     """deepy.py exited non-zero; ``records`` holds what metrics.jsonl had (a crash at exit keeps them all)."""
 
-    def __init__(self, message: str, returncode: int, records: list[dict[str, Any]], console_tail: str) -> None:
+    def __init__(self, message: str, returncode: int, records: list[dict[str, Any]], completed: bool) -> None:
         super().__init__(message)
-        self.returncode, self.records, self.console_tail = returncode, records, console_tail
+        self.returncode, self.records, self.completed = returncode, records, completed
 
 
 def run_deepy(config: dict[str, Any], run_dir: Path, *, env: dict[str, str] | None = None,
@@ -122,9 +122,12 @@ def run_deepy(config: dict[str, Any], run_dir: Path, *, env: dict[str, str] | No
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                               stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
-        tail = (run_dir / "console.log").read_text()[-3000:]
+        console = (run_dir / "console.log").read_text()
+        # the runner's last line repeats the encoded config: drop it from the message
+        lines = [ln for ln in console.splitlines() if "--neox_args" not in ln]
         records = read_metrics(metrics) if metrics.exists() else []
-        raise DeepyError(f"{cfg_path}: deepy.py exited {proc.returncode}\n{tail}", proc.returncode, records, tail)
+        raise DeepyError(f"{cfg_path}: deepy.py exited {proc.returncode}\n" + "\n".join(lines[-30:]),
+                         proc.returncode, records, "neox: trained" in console)
     return read_metrics(metrics)
 
 

@@ -114,7 +114,7 @@ def run_case(case: plan.Case, out: Path, data: dict[str, Any], extra: dict[str, 
             train = run_deepy(case_config(case, data, extra), run_dir, env=env, timeout=timeout)
         except DeepyError as err:
             # Every step logged and the final summary printed: a crash while the ranks exit, kept visible.
-            if len(err.records) != case.steps or "neox: trained" not in err.console_tail:
+            if len(err.records) != case.steps or not err.completed:
                 raise
             train, row["exit_warning"] = err.records, f"exit code {err.returncode} after training completed"
         row.update(status="ok", **summarize(train, case.warmup))
