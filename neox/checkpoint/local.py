@@ -283,6 +283,8 @@ def resolve(load: str) -> tuple[str, str] | None:
             log.warning("%s: has global_step directories but no 'latest' file; pass one of them as load",
                         load)
         return None
+    if "/" in tag or os.sep in tag or tag in (".", ".."):  # a tag is a directory name inside load
+        raise CheckpointError(f"{os.path.join(load, 'latest')}: names {tag!r}, expected a tag such as 'global_step1000'")
     if not os.path.isdir(os.path.join(load, tag)):
         raise CheckpointError(f"{os.path.join(load, 'latest')}: names {tag!r}, but {os.path.join(load, tag)} "
                               "does not exist")
