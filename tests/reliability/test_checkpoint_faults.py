@@ -79,8 +79,11 @@ def test_dangling_or_garbage_latest(tmp_path):
     save = Path(args.checkpoint.save)
     (save / "latest").write_text("global_step9")
     assert "names 'global_step9'" in _load_error(args)
-    (save / "latest").write_text("../../etc")
-    assert "does not exist" in _load_error(args)
+    (tmp_path / "outside").mkdir()
+    (save / "latest").write_text("../outside")  # exists, outside the checkpoint directory
+    assert "expected a tag such as 'global_step1000'" in _load_error(args)
+    (save / "latest").write_text("..")
+    assert "expected a tag" in _load_error(args)
     shutil.move(save / "global_step1", save / "global_step1.partial")
     args = _args(tmp_path).__class__(checkpoint=args.checkpoint.__class__(load=str(save / "global_step1.partial")))
     assert "interrupted save" in _load_error(args)
