@@ -88,6 +88,7 @@ class MetricsLogger:
         self.train_iters = train_iters
         self.enabled = enabled
         self.jsonl_path = Path(cfg.log_dir) / "metrics.jsonl" if cfg.log_dir and enabled else None
+        self._jsonl_warned = False
         self.tb = self._open_tensorboard() if enabled else None
         self.wandb = self._open_wandb(run_config or {}) if enabled and cfg.use_wandb else None
         if self.jsonl_path is not None:
@@ -126,8 +127,14 @@ class MetricsLogger:
         if self.jsonl_path is None:
             return
         clean = {k: _finite_or_none(v) for k, v in rec.items()}
-        with open(self.jsonl_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with open(self.jsonl_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as err:  # a full or failing log disk must not end the run (checkpoints may still fit)
+            if not self._jsonl_warned:
+                print(f"neox: warning: cannot write {self.jsonl_path} ({err.strerror or err}); training goes on, "
+                      "metrics on the console only until it can", file=sys.stderr)
+            self._jsonl_warned = True
 
     def _write_scalars(self, prefix: str, rec: dict[str, Any], step: int) -> None:
         scalars = {f"{prefix}/{k}": float(v) for k, v in rec.items()
