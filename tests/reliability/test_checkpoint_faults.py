@@ -156,6 +156,31 @@ def test_read_only_save_directory(tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20)
 
 
+def test_full_log_disk_warns_once_and_training_goes_on(tmp_path, capsys):
+    from neox.config import LoggingConfig
+    from neox.logging import MetricsLogger
+    from tests.unit.test_logging import _rec
+
+    mnt = tmp_path / "log_fs"
+    if not _mount_tmpfs(mnt, "16k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        logger = MetricsLogger(LoggingConfig(log_dir=str(mnt / "logs")), train_iters=10)
+        logger.log_train(_rec(1, 5.0))
+        with open(mnt / "ballast", "wb") as f:  # fill the filesystem
+            try:
+                f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        for it in range(2, 60):  # past the page metrics.jsonl already holds
+            logger.log_train(_rec(it, 5.0))  # must not raise
+        logger.close()
+        err = capsys.readouterr().err
+        assert err.count("cannot write") == 1 and "No space left on device" in err, err
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20)
+
+
 # ---- another parallel layout ----------------------------------------------------------------
 
 
