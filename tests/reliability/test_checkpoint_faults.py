@@ -74,6 +74,17 @@ def test_damaged_tag_is_refused(tmp_path, how):
     assert needle in msg and "global_step1" in msg, msg
 
 
+def test_missing_tensor_is_not_a_partial_load(tmp_path):
+    args, _ = _saved(tmp_path)
+    tag = Path(args.checkpoint.save) / "global_step1"
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)
+    del states["module"]["2.bias"]
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    (tag / "manifest.json").unlink()  # as a converter's or DeepSpeed's own tag: nothing to verify against
+    msg = _load_error(args)
+    assert "model and checkpoint differ" in msg and "2.bias" in msg, msg
+
+
 def test_dangling_or_garbage_latest(tmp_path):
     args, _ = _saved(tmp_path)
     save = Path(args.checkpoint.save)

@@ -151,3 +151,18 @@ def test_corrupt_index_cache_is_named(tmp_path):
     with pytest.raises(DataError) as err:
         _iters(DataConfig(train_data_paths=[prefix], num_workers=0))
     _one_line(err, "unreadable index cache", "delete these files")
+
+
+@pytest.mark.parametrize("kind,content,needle", [
+    ("SPMTokenizer", b"garbage", "not a SentencePiece model"),
+    ("HFTokenizer", b"{not json", "not a Hugging Face tokenizer.json"),
+])
+def test_corrupt_tokenizer_file(tmp_path, kind, content, needle):
+    from neox.config.data import TokenizerConfig
+    from neox.tokenizer.build import build_tokenizer
+
+    path = tmp_path / "tok.bin"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        build_tokenizer(TokenizerConfig(tokenizer_type=kind, vocab_file=str(path)))
+    _one_line(err, str(path), needle)
