@@ -109,7 +109,12 @@ def throughput_cases(steps: int = 20) -> list[Case]:
         t("tp2_ac_mbs4", _lay(tp=2, mbs=4, ac=True)),
         t("zero1", _lay(zero=1, mbs=1)),
         t("zero1_ac_mbs2", _lay(zero=1, mbs=2, ac=True), "the anchor's checkpointed setting"),
-        t("zero1_nooverlap", _lay(zero=1, mbs=1, overlap=False), "overlap_comm off"),
+        # bf16 weights + fp32 gradient accumulation at stage 1 runs DeepSpeed's BF16_Optimizer, which
+        # reduces at the step boundary and ignores overlap_comm (deepspeed/runtime/engine.py,
+        # _do_optimizer_sanity_check): the overlap pair uses bf16 accumulation, i.e. the ZeRO-1 optimizer.
+        t("zero1_bf16acc", _lay(zero=1, mbs=1, data_types={"grad_accum_dtype": "bf16"}), "ZeRO-1 optimizer path"),
+        t("zero1_bf16acc_nooverlap", _lay(zero=1, mbs=1, overlap=False, data_types={"grad_accum_dtype": "bf16"}),
+          "overlap_comm off"),
         t("zero3", _lay(zero=3, mbs=1)),
         t("zero3_ac_mbs2", _lay(zero=3, mbs=2, ac=True)),
         t("zero3_nooverlap", _lay(zero=3, mbs=1, overlap=False), "overlap_comm off"),
@@ -125,7 +130,8 @@ def breakdown_cases(steps: int = 8) -> list[Case]:
           "compute reference: 8 layers, 1 GPU, no communication"),
         b("tp2", 2, _lay(tp=2, mbs=1)),
         b("zero1", 2, _lay(zero=1, mbs=1)),
-        b("zero1_nooverlap", 2, _lay(zero=1, mbs=1, overlap=False)),
+        b("zero1_bf16acc", 2, _lay(zero=1, mbs=1, data_types={"grad_accum_dtype": "bf16"})),
+        b("zero1_bf16acc_nooverlap", 2, _lay(zero=1, mbs=1, overlap=False, data_types={"grad_accum_dtype": "bf16"})),
         b("zero3", 2, _lay(zero=3, mbs=1)),
         b("zero3_nooverlap", 2, _lay(zero=3, mbs=1, overlap=False)),
     ]
@@ -168,7 +174,7 @@ def default_groups(gpus: int) -> tuple[str, ...]:
     return GROUPS_8GPU if gpus >= 8 else GROUPS_2GPU
 
 
-SMOKE_KEEP = {"model_parallel_size", "pipe_parallel_size", "zero_optimization", "train_micro_batch_size_per_gpu",
+SMOKE_KEEP = {"data_types", "model_parallel_size", "pipe_parallel_size", "zero_optimization", "train_micro_batch_size_per_gpu",
               "gradient_accumulation_steps", "checkpoint_activations", "wall_clock_breakdown"}
 
 
