@@ -165,6 +165,50 @@ def positive_counts(a: NeoXArgs) -> None:
             raise key_error(key, f"expected a positive integer, got {value}")
 
 
+def numeric_ranges(a: NeoXArgs) -> None:
+    """Values of the right type but outside their meaning (they would train silently wrong or fail deep inside)."""
+    m, o, lr = a.model, a.optim, a.lr
+    checks = [
+        ("rotary_emb_base", m.rotary_emb_base > 0 or m.pos_emb != "rotary", "expected a positive number"),
+        ("rms_norm_epsilon", m.rms_norm_epsilon > 0, "expected a positive number"),
+        ("layernorm_epsilon", m.layernorm_epsilon > 0, "expected a positive number"),
+        ("init_method_std", m.init_method_std > 0, "expected a positive number"),
+        ("lr", lr.lr is None or lr.lr >= 0, "expected a learning rate >= 0"),
+        ("min_lr", lr.min_lr is None or (lr.min_lr >= 0 and (lr.lr is None or lr.min_lr <= lr.lr)),
+         f"expected 0 <= min_lr <= lr ({lr.lr})"),
+        ("warmup", lr.warmup is None or 0.0 <= lr.warmup <= 1.0, "expected a fraction of the decay iterations in [0, 1]"),
+        ("weight_decay", o.weight_decay >= 0, "expected a number >= 0"),
+        ("gradient_clipping", o.gradient_clipping >= 0, "expected a number >= 0 (0: no clipping)"),
+        ("max_nan_iterations", a.training.max_nan_iterations >= 0, "expected an integer >= 0 (0: never stop)"),
+        ("master_port", 0 < a.launcher.master_port < 65536, "expected a TCP port in [1, 65535]"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise key_error(key, f"{expected}, got {_value(a, key)!r}")
+
+
+def _value(a: NeoXArgs, key: str) -> object:
+    from neox.config.keys import field_sections
+
+    return getattr(getattr(a, field_sections()[key]), key)
+
+
+def checkpoint_and_split_values(a: NeoXArgs) -> None:
+    ck = a.checkpoint
+    if ck.s3_path is not None and not ck.s3_path.startswith("s3://"):
+        raise key_error("s3_path", f"expected s3://bucket/prefix, got {ck.s3_path!r}")
+    if ck.s3_chunk_size < 5 * 1024 * 1024:
+        raise key_error("s3_chunk_size", f"S3 multipart parts are at least 5 MiB (5242880 bytes), got {ck.s3_chunk_size}")
+    if ck.checkpoint_scale not in ("linear", "log"):
+        raise key_error("checkpoint_scale", f"expected 'linear' or 'log', got {ck.checkpoint_scale!r}")
+    try:
+        parts = [float(x) for x in a.data.split.replace("/", ",").split(",") if x.strip()]
+    except ValueError:
+        parts = [-1.0]
+    if len(parts) > 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+        raise key_error("split", f"expected up to three non-negative numbers, not all zero, like '969,30,1'; got {a.data.split!r}")
+
+
 def deepspeed_blocks_known(a: NeoXArgs) -> None:
     import difflib
 
@@ -206,6 +250,8 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     one_half_precision,
     mixture_weights_match_paths,
     positive_counts,
+    numeric_ranges,
+    checkpoint_and_split_values,
     deepspeed_blocks_known,
     include_or_exclude,
     known_launcher,

@@ -73,6 +73,8 @@ RULE_CASES = [
     ("one_half_precision", dict(fp16={"enabled": True}, bf16={"enabled": True}), "fp16 and bf16 are both enabled"),
     ("mixture_weights_match_paths", dict(train_data_paths=["a", "b"], train_data_weights=[1.0]), "1 weights for 2 train_data_paths"),
     ("positive_counts", dict(log_interval=0), "log_interval: expected a positive integer"),
+    ("numeric_ranges", dict(optimizer={"type": "Adam", "params": {"lr": 1e-3}}, min_lr=0.1), "min_lr: expected 0 <= min_lr <= lr"),
+    ("checkpoint_and_split_values", dict(s3_chunk_size=10), "s3_chunk_size: S3 multipart parts are at least 5 MiB"),
     ("deepspeed_blocks_known", dict(zero_optimization={"stage": 1, "overlap_com": True}), "did you mean 'overlap_comm'"),
     ("include_or_exclude", dict(include="a", exclude="b"), "include or exclude, not both"),
     ("known_launcher", dict(launcher="torchrun"), "launcher"),
