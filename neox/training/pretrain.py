@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import socket
@@ -156,6 +157,17 @@ def _validation_fn(engine: Any, args: NeoXArgs, device: torch.device, loss_fn: A
         is_pipe=args.parallel.pipe_parallel_size >= 1)
 
 
+def resume_from_save(args: NeoXArgs) -> NeoXArgs:
+    """``load`` defaults to ``save`` when ``save`` already holds a checkpoint (a ``latest`` file).
+
+    So a requeued or restarted job resumes with no edit to its config; an explicit ``load`` wins.
+    """
+    ckpt = args.checkpoint
+    if ckpt.load or not ckpt.save or "://" in ckpt.save or not os.path.isfile(os.path.join(ckpt.save, "latest")):
+        return args
+    return dataclasses.replace(args, checkpoint=dataclasses.replace(ckpt, load=ckpt.save))
+
+
 def _load(engine: Any, args: NeoXArgs, validation_fn: Any) -> TrainState:
     if not args.checkpoint.load:
         return TrainState()
@@ -192,6 +204,11 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     model = build_model(args, device)
     engine, _ = build_engine(args, model, device)
     validation_fn = _validation_fn(engine, args, device, lm_loss)
+    resumed = resume_from_save(args)
+    if resumed is not args and dist.get_rank() == 0:
+        print(f"neox: resuming from {resumed.checkpoint.load} (load defaults to save when it holds a checkpoint)",
+              flush=True)
+    args = resumed
     state = _load(engine, args, validation_fn)
     iters = _iterators(args, state)
     rank0 = dist.get_rank() == 0
