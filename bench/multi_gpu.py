@@ -229,9 +229,11 @@ def ratio_checks(by: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = two["tokens_per_s"] / one["tokens_per_s"]
         out.append({"check": "TinyLlama DP2 / 1 GPU tokens/s", "kind": "target", "value": round(ratio, 3),
                     "target": 1.9, "met": ratio >= 1.9})
-    anchors = [r for r in by.values() if r["group"] == "anchor" and r["status"] == "ok" and r["gpus"] == 2]
-    ours = [r for r in by.values() if r["group"] == "throughput" and r["status"] == "ok"]
-    if anchors and ours:
+    for gpus, group in ((2, "throughput"), (8, "3d")):  # the 7B shape against the anchor on as many GPUs
+        anchors = [r for r in by.values() if r["group"] == "anchor" and r["status"] == "ok" and r["gpus"] == gpus]
+        ours = [r for r in by.values() if r["group"] == group and r["status"] == "ok" and r["gpus"] == gpus]
+        if not anchors or not ours:
+            continue
         best_anchor, best = max(anchors, key=lambda r: r["tflops_per_gpu"]), max(ours, key=lambda r: r["tflops_per_gpu"])
         ratio = best["tflops_per_gpu"] / best_anchor["tflops_per_gpu"]
         out.append({"check": f"best 7B ({best['case']}) / best anchor ({best_anchor['case']}) TFLOP/s per GPU",

@@ -76,3 +76,26 @@ def test_compare_curves_flags_a_real_difference():
     slower = list(np.linspace(10.0, 6.6, 50))  # a layout that learns 15% slower
     assert not compare_curves("a", "r", slower, ref, BF16)["ok"]
     assert not compare_curves("a", "r", ref[:49], ref, BF16)["ok"]
+
+
+def test_derived_breakdown_and_targets_by_hand():
+    sys.path.insert(0, str(ROOT))
+    from bench.multi_gpu import ratio_checks
+
+    def row(case, group, gpus, tflops, step_ms, layout="", timers=None):
+        return {"case": case, "group": group, "gpus": gpus, "status": "ok", "tflops_per_gpu": tflops,
+                "step_ms": step_ms, "layout": layout, "timers_ms": timers or {}, "tokens_per_s": 0}
+
+    # reference: 100 TFLOP/s over a 10 ms step whose forward+backward took 8 ms -> 125 TFLOP/s while computing
+    rows = [row("bd/compute_ref_1gpu_8l", "breakdown", 1, 100.0, 10.0, "TP1 DP1", {"forward": 3.0, "backward": 5.0}),
+            # 90 TFLOP/s x 20 ms of work per GPU is 14.4 ms at 125 TFLOP/s; 18 ms fwd+bwd - 14.4 = 3.6 ms TP comm
+            row("bd/tp2", "breakdown", 2, 90.0, 20.0, "TP2 DP1 Z1", {"forward": 6.0, "backward": 12.0, "optimizer": 1.5}),
+            row("anchor/x", "anchor", 2, 400.0, 1.0), row("7b/tp2", "throughput", 2, 430.0, 1.0),
+            row("tiny/1gpu", "scaling", 1, 1.0, 1.0), row("tiny/dp2", "scaling", 2, 1.0, 1.0)]
+    rows[-2]["tokens_per_s"], rows[-1]["tokens_per_s"] = 1000, 1950
+    checks = {c["check"]: c for c in ratio_checks({r["case"]: r for r in rows})}
+    bd = checks["time breakdown bd/tp2"]
+    assert bd["compute_ms"] == 14.4 and bd["tp_comm_ms"] == 3.6 and bd["optimizer_ms"] == 1.5
+    anchor = checks["best 7B (7b/tp2) / best anchor (anchor/x) TFLOP/s per GPU"]
+    assert anchor["value"] == 1.075 and anchor["met"]
+    assert checks["TinyLlama DP2 / 1 GPU tokens/s"]["value"] == 1.95
