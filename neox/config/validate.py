@@ -275,6 +275,27 @@ def input_files_exist(a: NeoXArgs) -> None:
         path = getattr(a.tokenizer, key)
         if path and not os.path.isfile(path):
             raise key_error(key, f"{path}: file not found")
+    ck = a.checkpoint
+    # load == save is the resume-after-preemption setup: a first run has nothing there yet
+    if ck.load and "://" not in ck.load and not os.path.exists(ck.load) and \
+            os.path.abspath(ck.load) != os.path.abspath(ck.save or ""):
+        raise key_error("load", f"{ck.load}: no such checkpoint directory (to resume a run, set load to its save directory)")
+    for key, path in (("save", ck.save), ("log_dir", a.logging.log_dir), ("tensorboard_dir", a.logging.tensorboard_dir)):
+        if path and "://" not in path:
+            _check_creatable(key, path)
+
+
+def _check_creatable(key: str, path: str) -> None:
+    """``path`` is a writable directory or can be made one, found out without writing anything."""
+    import os
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise key_error(key, f"{path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise key_error(key, f"{path}: {probe} is not writable")
 
 
 def validate(args: NeoXArgs) -> None:
