@@ -225,17 +225,20 @@ def test_deepy_exit_2_one_line_nothing_written(tmp_path):
 # missing inputs are refused by a real local launch, before any rank starts, and by every rank
 # before it builds anything.
 
-QUICKSTART_INPUTS = {
-    "train_data_paths": ["datasets/quickstart/no_such_text_document"],
-    "valid_data_paths": ["/nonexistent/valid_text_document"],
-    "vocab_file": "datasets/quickstart/no_such_tokenizer.model",
+QUICKSTART_INPUTS = {  # key -> (value, given the test's tmp_path; what the error says)
+    "train_data_paths": (lambda t: ["datasets/quickstart/no_such_text_document"], "not found"),
+    "valid_data_paths": (lambda t: ["/nonexistent/valid_text_document"], "not found"),
+    "vocab_file": (lambda t: "datasets/quickstart/no_such_tokenizer.model", "not found"),
+    "load": (lambda t: "/nonexistent/checkpoints", "no such checkpoint directory"),
+    "save": (lambda t: str(t / "conf.yml" / "checkpoints"), "is a file, not a directory"),
 }
 
 
 @pytest.mark.parametrize("key", sorted(QUICKSTART_INPUTS))
 def test_missing_input_paths_are_refused_at_launch(tmp_path, key):
-    conf = {**_base("quickstart"), key: QUICKSTART_INPUTS[key], "save": str(tmp_path / "save"),
-            "log_dir": str(tmp_path / "logs"), "tensorboard_dir": str(tmp_path / "tb")}
+    value, needle = QUICKSTART_INPUTS[key]
+    conf = {**_base("quickstart"), "save": str(tmp_path / "save"), "log_dir": str(tmp_path / "logs"),
+            "tensorboard_dir": str(tmp_path / "tb"), key: value(tmp_path)}
     path = tmp_path / "conf.yml"
     path.write_text(json.dumps(conf))
     work = tmp_path / "work"
@@ -245,8 +248,18 @@ def test_missing_input_paths_are_refused_at_launch(tmp_path, key):
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"neox: error: {key}: "), out.stderr
-    assert "not found" in out.stderr
+    assert needle in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf.yml", "work"]
+
+
+def test_load_equal_to_save_may_not_exist_yet(tmp_path, monkeypatch):
+    """The resume-after-preemption setup (load: == save:) starts fresh on the first run."""
+    from neox.config.validate import input_files_exist
+
+    monkeypatch.chdir(ROOT)
+    save = str(tmp_path / "run" / "checkpoints")
+    input_files_exist(NeoXArgs.from_flat({**_base("quickstart"), "save": save, "load": save}, world_size=1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_data_is_refused_on_the_rank_before_anything_is_built(tmp_path, monkeypatch):
