@@ -40,8 +40,11 @@ runpy.run_path({train!r}, run_name="__main__")
 '''
 
 
+SECRETS = {"WANDB_API_KEY": "wandbkey-launcher-SECRET-0123456789ab", "AWS_SECRET_ACCESS_KEY": "aws-launcher-SECRET-zyxw"}
+
+
 def _deepy(script: Path, conf: Path, kill_at: int | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **SECRETS}
     env.pop("NEOX_TEST_KILL_AT", None)
     if kill_at:
         env["NEOX_TEST_KILL_AT"] = str(kill_at)
@@ -73,3 +76,10 @@ def test_rank_sigkilled_mid_step_then_resume(tmp_path):
     train_records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     iterations = [r["iteration"] for r in train_records if "split" not in r]
     assert iterations == [1, 2, 3, 4, 5, 6]  # the killed run never logged iteration 5; the resume did, once
+
+    # the ranks had the secrets (the launcher passes the W&B key on); neither run printed or stored them
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    for secret in SECRETS.values():
+        for run in (killed, resumed):
+            assert secret not in run.stdout + run.stderr
+        assert not [p for p in files if secret.encode() in p.read_bytes()]
