@@ -175,6 +175,10 @@ def verify_tag(tag_dir: str, *, checksums: bool = True) -> dict[str, Any] | None
 _NUMPY_STATE = {"numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
                 "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"}
 _TRUSTED_PACKAGES = ("deepspeed", "torch")
+# plain containers older Megatron/GPT-NeoX/DeepSpeed checkpoints pickle (their arguments are checked on their own)
+_PLAIN_CLASSES = {"argparse.Namespace", "collections.defaultdict", "builtins.frozenset", "builtins.slice",
+                  "builtins.range", "builtins.list", "builtins.dict", "builtins.tuple", "builtins.int",
+                  "builtins.float", "builtins.str", "builtins.bool"}
 
 
 def _trusted_class(name: str) -> bool:
@@ -214,8 +218,8 @@ def pickle_problems(tag_dir: str, rel_paths: Iterable[str]) -> list[str]:
         except Exception as err:  # noqa: BLE001 - any failure to parse is the file's fault
             problems.append(f"{path}: not a readable torch.save file ({type(err).__name__}: {err})")
             continue
-        bad = sorted(n for n in names if n not in _NUMPY_STATE and not n.startswith("numpy.dtypes.")
-                     and not _trusted_class(n))
+        bad = sorted(n for n in names if n not in _NUMPY_STATE and n not in _PLAIN_CLASSES
+                     and not n.startswith("numpy.dtypes.") and not _trusted_class(n))
         if bad:
             problems.append(f"{path}: the pickle names {', '.join(bad[:3])}, which is not tensor, NumPy or "
                             "DeepSpeed state; refusing to unpickle it (NEOX_TRUST_CHECKPOINT=1 if you trust the file)")
