@@ -110,3 +110,17 @@ def test_deepspeed_zero_files_pass_the_scan_and_rng_files_load_weights_only(tmp_
     save_rng_state(str(tmp_path), 5)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "rng_state_rank5.pt"))  # NumPy
     assert load_rng_state(str(tmp_path), 5)  # weights_only=True with NumPy's state array allowed
+
+
+def test_scan_allows_plain_containers_and_refuses_any_other_callable(tmp_path):
+    import argparse
+    import collections
+
+    torch.save({"args": argparse.Namespace(lr=1e-3), "counts": collections.defaultdict(list, {"a": [1]}),
+                "w": torch.ones(2)}, tmp_path / "megatron_style.pt")  # as Megatron-era checkpoints pickle
+    torch.save({"d": collections.defaultdict(os.getcwd)}, tmp_path / "factory.pt")
+    (tmp_path / "not_torch.pt").write_bytes(b"PK\x03\x04 not a zip")
+    problems = mf.pickle_problems(str(tmp_path), ["megatron_style.pt", "factory.pt", "not_torch.pt"])
+    assert len(problems) == 2, problems
+    assert "factory.pt: the pickle names posix.getcwd" in problems[0]
+    assert "not_torch.pt: not a readable torch.save file" in problems[1]
