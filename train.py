@@ -16,9 +16,13 @@ def main() -> None:
     from neox.config import NeoXArgs
 
     args = NeoXArgs.from_launcher()
-    from neox.training.pretrain import pretrain  # imported here: torch and DeepSpeed load on the ranks only
+    # Imported here: torch and DeepSpeed load on the ranks only.
+    from neox.training.pretrain import pretrain, shutdown
 
-    pretrain(args)
+    try:
+        pretrain(args)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":
