@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from neox.errors import NeoXError, format_error
+from neox.errors import exit_code_of
 
 
 def parse_cli(argv: list[str]) -> argparse.Namespace:
@@ -53,10 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except NeoXError as err:
-        if os.environ.get("NEOX_DEBUG") == "1":
-            raise
-        print(format_error(err), file=sys.stderr)
-        sys.exit(err.exit_code)
+    sys.exit(exit_code_of(main))

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from neox.errors import ConfigError, NeoXError, format_error
+from neox.errors import ConfigError, exit_code_of
 
 
 def _dtype(args: Any, device: Any) -> Any:
@@ -64,10 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NeoXError as err:
-        if os.environ.get("NEOX_DEBUG") == "1":
-            raise
-        print(format_error(err), file=sys.stderr)
-        sys.exit(err.exit_code)
+    sys.exit(exit_code_of(main))

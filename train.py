@@ -6,10 +6,9 @@ The launcher hands each rank the resolved config (``--neox_args``); ranks never 
 
 from __future__ import annotations
 
-import os
 import sys
 
-from neox.errors import NeoXError, format_error
+from neox.errors import exit_code_of
 
 
 def main() -> None:
@@ -26,10 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NeoXError as err:
-        if os.environ.get("NEOX_DEBUG") == "1":
-            raise
-        print(format_error(err), file=sys.stderr)
-        sys.exit(err.exit_code)
+    sys.exit(exit_code_of(main))

@@ -6,6 +6,10 @@ Every message names the file, key or value at fault and what was expected, e.g.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+
 
 class NeoXError(Exception):
     """Base of the user-facing errors; ``str(err)`` is the whole one-line message."""
@@ -29,3 +33,17 @@ def format_error(err: BaseException) -> str:
     """The one line printed for ``err``: ``neox: error: <message>``."""
     msg = " ".join(str(err).split()) or type(err).__name__
     return f"neox: error: {msg}"
+
+
+def exit_code_of(main: Callable[[], int | None]) -> int:
+    """Run an entry point's ``main``: a NeoXError becomes its one line on stderr and exit code 2.
+
+    ``NEOX_DEBUG=1`` re-raises instead, to show the traceback.
+    """
+    try:
+        return main() or 0
+    except NeoXError as err:
+        if os.environ.get("NEOX_DEBUG") == "1":
+            raise
+        print(format_error(err), file=sys.stderr)
+        return err.exit_code

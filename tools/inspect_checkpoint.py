@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox.checkpoint import local  # noqa: E402
 from neox.checkpoint import manifest as mf  # noqa: E402
-from neox.errors import CheckpointError, NeoXError, format_error  # noqa: E402
+from neox.errors import CheckpointError, exit_code_of  # noqa: E402
 
 _MP = re.compile(r"^(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_model_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -171,10 +171,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except NeoXError as err:
-        if os.environ.get("NEOX_DEBUG") == "1":
-            raise
-        print(format_error(err), file=sys.stderr)
-        sys.exit(err.exit_code)
+    sys.exit(exit_code_of(main))
