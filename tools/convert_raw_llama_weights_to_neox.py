@@ -47,8 +47,14 @@ def load_params(input_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_params(params: dict[str, Any], cfg: Any, vocab_rows: int, source: str) -> None:
-    """ConfigError naming every disagreement between params.json and the model config."""
+def check_params(params: dict[str, Any], cfg: Any, vocab_rows: int, source: str,
+                 keep_config_rotary_base: bool = False) -> None:
+    """ConfigError naming every disagreement between params.json and the model config.
+
+    ``keep_config_rotary_base``: a different ``rotary_emb_base`` is reported but allowed. The base is
+    not stored in the weights, and continued pretraining may change it on purpose (Llemma 7B trains
+    CodeLlama 7B, rope_theta 1e6, with base 10000).
+    """
     dim, n_heads = params["dim"], params["n_heads"]
     expected = {
         "hidden_size": dim,
@@ -69,6 +75,11 @@ def check_params(params: dict[str, Any], cfg: Any, vocab_rows: int, source: str)
     actual.update(num_kv_heads=keys.num_kv_heads(cfg), use_bias_in_mlp=keys.mlp_has_bias(cfg))
     bad = [f"{keys.describe_key(k)}: params.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (actual[k] != v if not isinstance(v, float) else abs(float(actual[k]) - v) > 1e-12 * max(1.0, abs(v)))]
+    theta = params.get("rope_theta", 10000.0)
+    if keep_config_rotary_base and abs(float(cfg.rotary_emb_base) - theta) > 1e-12 * max(1.0, theta):
+        bad = [b for b in bad if not b.startswith(keys.describe_key("rotary_emb_base"))]
+        print(f"neox: note: {source}: rope_theta {theta:g}, training with the config's rotary_emb_base "
+              f"{cfg.rotary_emb_base:g} (--keep_config_rotary_base)", file=sys.stderr)
     if not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
         bad.append(f"mlp_type/activation: LLaMA needs a gated silu MLP, config has {cfg.mlp_type}/{cfg.activation}")
     if cfg.padded_vocab_size is not None and cfg.padded_vocab_size < vocab_rows:
@@ -108,7 +119,7 @@ def padded_vocab(cfg: Any, vocab_rows: int, tp: int) -> int:
 
 
 def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp: int = 0,
-            dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+            dtype: torch.dtype | None = None, progress: bool = True, keep_config_rotary_base: bool = False) -> Path:
     """Meta checkpoint -> neox checkpoint with ``tp`` tensor-parallel shards; returns the tag directory."""
     input_dir = Path(input_dir)
     params = load_params(input_dir)
@@ -117,7 +128,7 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
     if n_kv % len(meta.files):
         raise CheckpointError(f"{input_dir}: {len(meta.files)} shards do not split {n_kv} kv heads evenly")
     vocab_rows = meta.shards[0]["output.weight"].shape[0] * len(meta.files)
-    check_params(params, cfg, vocab_rows, str(input_dir / "params.json"))
+    check_params(params, cfg, vocab_rows, str(input_dir / "params.json"), keep_config_rotary_base)
     cfg = dataclasses.replace(cfg, padded_vocab_size=padded_vocab(cfg, vocab_rows, tp))
     full = keys.from_family(meta, cfg, keys.META)
     return keys.write_weights(full, cfg, output_dir, tp, pp, dtype=dtype, progress=progress)
@@ -133,6 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pipe_parallel_size", type=int, default=None,
                    help="0: plain mp_rank files; >=1: pipeline layer files (default: the config's)")
     p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="output dtype (default: as stored)")
+    p.add_argument("--keep_config_rotary_base", action="store_true",
+                   help="allow the config's rotary_emb_base to differ from params.json's rope_theta "
+                        "(continued pretraining with a new RoPE base, as Llemma 7B does)")
     return p.parse_args(argv)
 
 
@@ -144,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         args = NeoXArgs.from_ymls(a.config_file)
         tp = a.num_output_shards or args.parallel.model_parallel_size
         pp = args.parallel.pipe_parallel_size if a.pipe_parallel_size is None else a.pipe_parallel_size
-        convert(a.input_dir, args.model, a.output_dir, tp, pp, DTYPES.get(a.precision or ""))
+        convert(a.input_dir, args.model, a.output_dir, tp, pp, DTYPES.get(a.precision or ""),
+                keep_config_rotary_base=a.keep_config_rotary_base)
     except NeoXError as err:
         print(format_error(err), file=sys.stderr)
         return 2

@@ -216,3 +216,20 @@ def test_llemma_34b_config_agrees_with_codellama_params():
     tool("convert_raw_llama_weights_to_neox").check_params(params, args.model, 32000, "params.json")
     with pytest.raises(ConfigError, match="num_kv_heads"):
         tool("convert_raw_llama_weights_to_neox").check_params({**params, "n_kv_heads": 64}, args.model, 32000, "p")
+
+
+def test_llemma_7b_config_takes_codellama_7b_only_with_keep_config_rotary_base(capsys):
+    """CodeLlama-7b (rope_theta 1e6) into configs/llemma_7b.yml (rotary base 1e4, as Llemma 7B trains):
+    refused by default, naming rotary_emb_base; accepted with the flag, which still names it."""
+    from neox.config import NeoXArgs
+
+    params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5,
+              "rope_theta": 1000000, "vocab_size": 32016}
+    args = NeoXArgs.from_ymls([str(ROOT / "configs" / "llemma_7b.yml")], world_size=2)
+    check = tool("convert_raw_llama_weights_to_neox").check_params
+    with pytest.raises(ConfigError, match="rotary_emb_base"):
+        check(params, args.model, 32016, "params.json")
+    check(params, args.model, 32016, "params.json", keep_config_rotary_base=True)
+    assert "rope_theta 1e+06" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="num_layers"):
+        check({**params, "n_layers": 30}, args.model, 32016, "params.json", keep_config_rotary_base=True)
