@@ -6,7 +6,7 @@ import json
 import os
 
 from neox.errors import DataError
-from neox.tokenizer.base import Tokenizer
+from neox.tokenizer.hf import TokenizersBacked
 
 
 def _build(vocab_file: str, merge_file: str):
@@ -21,7 +21,7 @@ def _build(vocab_file: str, merge_file: str):
     return tok
 
 
-class GPT2BPETokenizer(Tokenizer):
+class GPT2BPETokenizer(TokenizersBacked):
     """GPT-2 tokenizer; EOD is ``<|endoftext|>``."""
 
     name = "GPT2BPETokenizer"
@@ -45,16 +45,6 @@ class GPT2BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self._tok.decode([int(t) for t in token_ids], skip_special_tokens=False)
 
     def __getstate__(self) -> dict:
         return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from neox.errors import DataError
 from neox.tokenizer.base import Tokenizer
@@ -11,7 +12,24 @@ from neox.tokenizer.base import Tokenizer
 _EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 
-class HFTokenizer(Tokenizer):
+class TokenizersBacked(Tokenizer):
+    """Encoding and decoding through a ``tokenizers.Tokenizer`` held in ``_tok``, EOD id in ``_eod``."""
+
+    _tok: Any
+    _eod: int
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._tok.decode([int(t) for t in token_ids], skip_special_tokens=False)
+
+
+class HFTokenizer(TokenizersBacked):
     """A ``tokenizers.Tokenizer`` loaded from ``tokenizer.json``; EOD ``<|endoftext|>`` (or ``</s>``)."""
 
     name = "HFTokenizer"
@@ -38,16 +56,6 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self._tok.decode([int(t) for t in token_ids], skip_special_tokens=False)
 
     def __getstate__(self) -> dict:
         return {"vocab_file": self.vocab_file}
