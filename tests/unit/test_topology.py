@@ -40,7 +40,7 @@ def test_uninitialised_getters():
     assert ps.get_tensor_model_parallel_group() is None and ps.get_data_parallel_group() is None
 
 
-def test_initialize_on_fake_backend():
+def _fake_world_checks() -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=8)
@@ -59,3 +59,13 @@ def test_initialize_on_fake_backend():
         ps.destroy_model_parallel()
         dist.destroy_process_group()
     assert ps.get_tensor_model_parallel_world_size() == 1
+
+
+def test_initialize_on_fake_backend():
+    # In a fresh interpreter: an earlier test module may have left this process's default group set.
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=_fake_world_checks)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0, "fake-backend parallel_state checks failed (see the traceback above)"
