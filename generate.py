@@ -59,8 +59,12 @@ def run(args: Any) -> dict[str, float]:
 
 def main() -> None:
     from neox.config import NeoXArgs
+    from neox.training.pretrain import shutdown
 
-    run(NeoXArgs.from_launcher())
+    try:
+        run(NeoXArgs.from_launcher())
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":
