@@ -7,6 +7,7 @@ PIP="${PYTHON:-python3} -m pip"
 if ! ${PYTHON:-python3} -c "import torch" 2>/dev/null; then
     $PIP install -q "torch==${NEOX_TORCH_VERSION:-2.13.0}"
 fi
+$PIP install -q "setuptools>=61" wheel  # DeepSpeed and neox build without isolation
 $PIP install -q -r requirements.txt
 DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed==0.19.8"
 $PIP install -q -r requirements-dev.txt
