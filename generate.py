@@ -59,12 +59,8 @@ def run(args: Any) -> dict[str, float]:
 
 def main() -> None:
     from neox.config import NeoXArgs
-    from neox.training.pretrain import shutdown
 
-    try:
-        run(NeoXArgs.from_launcher())
-    finally:
-        shutdown()
+    run(NeoXArgs.from_launcher())  # process groups are released at exit (pretrain.shutdown via atexit)
 
 
 if __name__ == "__main__":

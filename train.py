@@ -16,12 +16,9 @@ def main() -> None:
 
     args = NeoXArgs.from_launcher()
     # Imported here: torch and DeepSpeed load on the ranks only.
-    from neox.training.pretrain import pretrain, shutdown
+    from neox.training.pretrain import pretrain
 
-    try:
-        pretrain(args)
-    finally:
-        shutdown()
+    pretrain(args)  # process groups are released at exit (pretrain.shutdown, registered with atexit)
 
 
 if __name__ == "__main__":

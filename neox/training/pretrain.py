@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import random
@@ -53,6 +54,7 @@ def init_distributed(args: NeoXArgs) -> torch.device:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        atexit.register(shutdown)  # released before interpreter teardown, see shutdown()
     import deepspeed
 
     # PipelineModule asks deepspeed.comm for ranks before deepspeed.initialize would set it up.
