@@ -1,5 +1,7 @@
 """Shared test settings: CPU threads kept low so the suite runs well on 2 cores."""
 
+import contextlib
+import glob
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -12,6 +14,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -20,3 +24,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords or "tests/gpu" in str(item.fspath):
             item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    session.config._neox_shm_before = set(glob.glob(SHM_BUFFERS))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove DeepSpeed CPU all-reduce buffers this session's runs left in /dev/shm (69 MB each):
+    ranks that were killed, or spawned children that exit without atexit, cannot unlink their own."""
+    for path in set(glob.glob(SHM_BUFFERS)) - getattr(session.config, "_neox_shm_before", set()):
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import os
 import random
@@ -75,6 +76,19 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    release_cpu_allreduce_buffer()
+
+
+def release_cpu_allreduce_buffer() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU shared-memory all-reduce.
+
+    DeepSpeed creates ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}`` (69 MB) on every CPU
+    rank and never unlinks it, so each CPU run left memory-backed files behind until /dev/shm was full.
+    """
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def set_seeds(seed: int) -> None:

@@ -41,6 +41,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        from neox.training.pretrain import release_cpu_allreduce_buffer
+
+        release_cpu_allreduce_buffer()  # spawned workers exit without running atexit handlers
 
 
 def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout: float = 300) -> list[Any]:
