@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox.checkpoint import keys  # noqa: E402
-from neox.errors import CheckpointError, ConfigError, NeoXError, format_error  # noqa: E402
+from neox.errors import CheckpointError, ConfigError, exit_code_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,17 +135,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
+
+    def run() -> None:
         from neox.config.args import NeoXArgs
 
         args = NeoXArgs.from_ymls(a.config_file)
         tp = a.num_output_shards or args.parallel.model_parallel_size
         pp = args.parallel.pipe_parallel_size if a.pipe_parallel_size is None else a.pipe_parallel_size
         convert(a.input_dir, args.model, a.output_dir, tp, pp, DTYPES.get(a.precision or ""))
-    except NeoXError as err:
-        print(format_error(err), file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code_of(run)
 
 
 if __name__ == "__main__":

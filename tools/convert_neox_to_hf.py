@@ -27,7 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox.checkpoint import keys  # noqa: E402
-from neox.errors import ConfigError, NeoXError, format_error  # noqa: E402
+from neox.errors import ConfigError, NeoXError, exit_code_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -187,17 +187,16 @@ def tokenizer_vocab_size(tok_cfg: Any) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
+
+    def run() -> None:
         from neox.config.args import NeoXArgs
 
         args = NeoXArgs.from_ymls(a.config_file)
         vocab = a.vocab_size or tokenizer_vocab_size(args.tokenizer)
         convert(a.input_dir, args.model, a.output_dir, precision=a.precision, vocab_size=vocab,
                 tokenizer=args.tokenizer, max_shard_gib=a.max_shard_size_gib)
-    except NeoXError as err:
-        print(format_error(err), file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code_of(run)
 
 
 if __name__ == "__main__":

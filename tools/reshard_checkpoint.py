@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox.checkpoint import keys  # noqa: E402
-from neox.errors import NeoXError, format_error  # noqa: E402
+from neox.errors import exit_code_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,16 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
+
+    def run() -> None:
         from neox.config.args import NeoXArgs
 
         args = NeoXArgs.from_ymls(a.config_file)
         reshard(a.input_dir, args.model, a.output_dir, a.num_output_shards, a.pipe_parallel_size,
                 DTYPES.get(a.precision or ""))
-    except NeoXError as err:
-        print(format_error(err), file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code_of(run)
 
 
 if __name__ == "__main__":
