@@ -1,12 +1,13 @@
 """Training throughput through the real entry point, with the peers' figures from the same machine.
 
-    python bench/bench_train.py --config configs/tinyllama_1b.yml --steps 30 --warmup 10 \
+    python bench/bench_train.py --config configs/tinyllama_1b.yml --steps 28 --warmup 8 \
         --peers .carry/peers.py --out $OUT
 
 Builds a synthetic mmap dataset (uniform random tokens, seeded) and a word-level tokenizer of the
 config's vocabulary, runs ``deepy.py train.py CONFIG overrides.yml`` (DeepSpeed engine, mmap data
 loader, bf16 with fp32 master weights, clipping and the LR schedule as the config sets them), reads
-``metrics.jsonl`` and reports the median over the measured steps (those after ``--warmup``). With
+``metrics.jsonl`` and reports the median over the measured records (each covers ``--log-interval``
+steps; those ending after ``--warmup`` count). With
 ``--peers`` it then runs the peers script on the same shape, so every figure has its peers beside it.
 Variants are extra YAML overrides: ``--set key=value`` (repeatable; values parsed as YAML).
 """
@@ -58,7 +59,7 @@ def run_neox(args: argparse.Namespace, work: Path, out: Path) -> dict:
         "train_data_paths": [str(prefix)], "train_data_weights": [1.0],
         "valid_data_paths": None, "test_data_paths": None, "data_path": None,
         "train_iters": args.steps, "lr_decay_iters": args.steps, "warmup_iters": 2,
-        "eval_interval": 10**9, "eval_iters": 0, "log_interval": 1, "log_dir": str(out / "logs"),
+        "eval_interval": 10**9, "eval_iters": 0, "log_interval": args.log_interval, "log_dir": str(out / "logs"),
         "tensorboard_dir": None, "use_wandb": False, "save": None, "load": None, "checkpoint_factor": 10**9,
         "num_gpus": 1, "num_workers": 2, **overrides,
     }
@@ -108,6 +109,9 @@ def main() -> None:
     p.add_argument("--config", default="configs/tinyllama_1b.yml")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10, help="iterations left out of the medians")
+    p.add_argument("--log-interval", type=int, default=4,
+                   help="iterations per metrics record; the loop synchronises the GPU only at these boundaries, "
+                        "so each record times that many back-to-back steps (1 = a drain after every step)")
     p.add_argument("--set", action="append", default=[], help="YAML override key=value (repeatable)")
     p.add_argument("--peers", default=None, help="path to peers.py; run on the same shape after neox")
     p.add_argument("--peer-steps", type=int, default=10)

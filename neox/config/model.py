@@ -127,6 +127,9 @@ class ModelConfig:
     partition_activations: bool = False
     """Split checkpointed activations across tensor-parallel ranks (DeepSpeed activation checkpointing)."""
 
+    fp32_residual_connection: bool = False
+    """Keep the residual stream (embedding output and every block's sum) in fp32 under torch_autocast. Off (Megatron's default): it runs in the autocast dtype, as it does with bf16/fp16 parameters, which halves the memory traffic of norms and residual adds. Only meaningful with fp32 parameters (precision fp32)."""
+
     torch_compile: bool = False
     """neox: compile each transformer block with torch.compile when training on a GPU (fuses norms, rotary, SwiGLU)."""
 

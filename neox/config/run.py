@@ -121,6 +121,15 @@ class LoggingConfig:
     wall_clock_breakdown: bool = False
     """Time the forward, backward and optimizer steps (DeepSpeed wall_clock_breakdown)."""
 
+    profile: bool = False
+    """Run torch.profiler over iterations [profile_step_start, profile_step_stop) and write a Chrome trace, a kernel table and a GPU time summary to <log_dir>/profile (NeoX's key; NeoX drives nsys instead)."""
+
+    profile_step_start: int = 10
+    """Profiling starts before the step that begins at this iteration (NeoX's count of finished iterations; the step is logged as iteration profile_step_start + 1)."""
+
+    profile_step_stop: int = 12
+    """Profiling stops after the step that ends at this iteration (exclusive start: profile_step_stop - profile_step_start steps are profiled)."""
+
     log_grad_norm: bool = False
     """Log the gradient norm."""
 

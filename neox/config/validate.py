@@ -138,6 +138,9 @@ def one_half_precision(a: NeoXArgs) -> None:
     expected = "fp16" if fp16 else "bfloat16" if bf16 else "fp32"
     if p.precision != expected:
         raise key_error(("precision", "fp16", "bf16"), f"precision is {p.precision!r} but the fp16/bf16 blocks say {expected!r}")
+    if a.model.fp32_residual_connection and expected != "fp32":
+        raise key_error("fp32_residual_connection", f"only with fp32 parameters (precision fp32, optionally with "
+                        f"torch_autocast); with {expected} parameters the residual stream is {expected}")
 
 
 def mixture_weights_match_paths(a: NeoXArgs) -> None:
@@ -181,6 +184,10 @@ def numeric_ranges(a: NeoXArgs) -> None:
         ("gradient_clipping", o.gradient_clipping >= 0, "expected a number >= 0 (0: no clipping)"),
         ("max_nan_iterations", a.training.max_nan_iterations >= 0, "expected an integer >= 0 (0: never stop)"),
         ("master_port", 0 < a.launcher.master_port < 65536, "expected a TCP port in [1, 65535]"),
+        ("profile_step_start", not a.logging.profile or a.logging.profile_step_start >= 0,
+         "expected an iteration >= 0"),
+        ("profile_step_stop", not a.logging.profile or a.logging.profile_step_stop > a.logging.profile_step_start,
+         f"expected an iteration after profile_step_start ({a.logging.profile_step_start})"),
     ]
     for key, ok, expected in checks:
         if not ok:

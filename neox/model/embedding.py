@@ -16,6 +16,19 @@ from megatron_core.tensor_parallel import (
 from megatron_core.tensor_parallel.utils import group_world_size
 
 
+def residual_stream(x: torch.Tensor, fp32_residual: bool) -> torch.Tensor:
+    """The embedding output in the residual stream's dtype.
+
+    Under torch.autocast with fp32 parameters the embedding lookup is fp32, and left alone every
+    residual add and norm after it would run in fp32 too. Megatron keeps the stream in the compute
+    dtype unless ``fp32_residual_connection``; so does this.
+    """
+    kind = x.device.type
+    if not fp32_residual and torch.is_autocast_enabled(kind) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, split_across_ranks: bool) -> torch.Tensor:
     """Dropout on hidden states; when they are split over tensor ranks (sequence parallel) each
     rank needs its own mask, drawn from the model-parallel RNG stream."""
@@ -48,7 +61,7 @@ class Embedding(nn.Module):
                     self.position_embeddings.weight.copy_(full)
         else:
             self.position_embeddings = None
-        self.dropout = cfg.hidden_dropout
+        self.dropout, self.fp32_residual = cfg.hidden_dropout, cfg.fp32_residual_connection
         self.sequence_parallel = sequence_parallel and group_world_size(group) > 1
         self.group = group
 
@@ -56,6 +69,7 @@ class Embedding(nn.Module):
         x = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
+        x = residual_stream(x, self.fp32_residual)
         if self.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, 1, self.group)
         return hidden_dropout(x, self.dropout, self.training, self.sequence_parallel)

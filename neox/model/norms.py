@@ -35,6 +35,11 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
+        if x.dtype != weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
+            # A half-precision residual stream over fp32 weights (autocast): one dtype keeps the
+            # fused norm kernel; the output is half precision either way.
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
         if self.sequence_parallel:
             weight = copy_to_tensor_model_parallel_region(weight, self.group)
             bias = None if bias is None else copy_to_tensor_model_parallel_region(bias, self.group)

@@ -23,8 +23,19 @@ def uses_own_clipping(zero_stage: int, fp16: bool, bf16: bool) -> bool:
     return zero_stage == 0 and not fp16 and not bf16
 
 
-def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients in place so their global L2 norm is at most ``max_norm``; return the norm (pre-clip).
+def takes_grad_scale(optimizer: object) -> bool:
+    """True for PyTorch's fused Adam/AdamW, whose kernel divides each gradient by ``optimizer.grad_scale``
+    (the hook GradScaler uses) while it updates the weights and writes the divided gradient back."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
+                    optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; return the norm (pre-clip).
+
+    With a fused Adam(W) ``optimizer`` (``takes_grad_scale``) the scaling is left to its next
+    ``step``: ``optimizer.grad_scale`` is set to 1 / coefficient, which saves a separate pass over
+    every gradient; ``release_grad_scale`` removes it after the step.
 
     Tensor-parallel shards (``tensor_model_parallel``) count on every tensor rank, replicated
     parameters once; the squared norm is summed over the tensor-parallel group. Gradients are
@@ -43,5 +54,14 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -
     total = total_sq.sqrt()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        if optimizer is not None and takes_grad_scale(optimizer) and all(g.dtype == torch.float32 for g in grads):
+            optimizer.grad_scale = coef.reciprocal()  # type: ignore[attr-defined]
+        else:
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return total
+
+
+def release_grad_scale(optimizer: object) -> None:
+    """Undo ``clip_grad_norm_``'s ``grad_scale`` once the optimizer has stepped."""
+    if hasattr(optimizer, "grad_scale"):
+        del optimizer.grad_scale  # type: ignore[attr-defined]

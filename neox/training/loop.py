@@ -17,8 +17,9 @@ from neox.logging import MetricsLogger, max_memory_gib
 from neox.training import flops
 from neox.training.eval import evaluate
 from neox.training.preemption import StopRequests
+from neox.training.profiler import IterationProfiler
 from neox.training.state import TrainState
-from neox.training.step import StepResult, pipe_batches, train_step, train_step_pipe
+from neox.training.step import LaunchedStep, StepResult, pipe_batches, train_step, train_step_pipe
 
 
 class TrainingDivergedError(NeoXError):
@@ -62,9 +63,8 @@ class _Window:
     loss_count: int = 0
     timers_ms: dict[str, float] = field(default_factory=dict)
 
-    def add(self, seconds: float, res: StepResult) -> None:
+    def add(self, res: StepResult) -> None:
         self.iters += 1
-        self.seconds += seconds
         # As NeoX: the logged loss is the mean over the interval of the finite losses.
         if math.isfinite(res.loss):
             self.loss_sum += res.loss
@@ -121,7 +121,7 @@ def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window)
     return rec
 
 
-def _step(ctx: TrainContext, train_iter: Iterator) -> StepResult:
+def _step(ctx: TrainContext, train_iter: Iterator) -> LaunchedStep:
     breakdown = ctx.args.logging.wall_clock_breakdown
     if ctx.is_pipe:
         return train_step_pipe(ctx.engine, train_iter, device=ctx.device, breakdown=breakdown)
@@ -179,32 +179,63 @@ def _save(ctx: TrainContext, state: TrainState) -> None:
         ctx.save_fn(state, state.iteration)
 
 
+def _settle(ctx: TrainContext, state: TrainState, step: LaunchedStep, win: _Window, nan_run: int) -> tuple[StepResult, int]:
+    """Read a launched step's scalars back and account for it."""
+    res = step.result()
+    win.add(res)
+    return res, _account(ctx, state, res, nan_run)
+
+
 def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter: Iterator | None = None,
           test_iter: Iterator | None = None) -> str | None:
-    """Train until ``train_iters``; returns the stop reason if stopped early (after saving)."""
+    """Train until ``train_iters``; returns the stop reason if stopped early (after saving).
+
+    The host reads a step's loss back only after it has queued the next step, so the GPU never
+    waits for Python between steps. Before anything that needs the current step's outcome (a log
+    line, a save, an evaluation, a stop, the end) the loop settles it first.
+    """
     args = ctx.args
     tcfg, log_interval = args.training, max(args.logging.log_interval, 1)
     # One pipe-batch generator for the whole run: a fresh one per step would drop its buffered batch.
     source = pipe_batches(train_iter, ctx.eod, args.data.eod_mask_loss) if ctx.is_pipe else train_iter
     win, nan_run, last_saved = _Window(), 0, None
-    while state.iteration < (tcfg.train_iters or 0):
-        start = time.perf_counter()
-        res = _step(ctx, source)
-        if ctx.device.type == "cuda" and state.iteration % log_interval == log_interval - 1:
-            torch.cuda.synchronize(ctx.device)  # so the logged time covers the queued work
-        win.add(time.perf_counter() - start, res)
-        nan_run = _account(ctx, state, res, nan_run)
-        if state.iteration % log_interval == 0:
+    lg = args.logging
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
+    launched, pending = state.iteration, None
+    window_start, paused = time.perf_counter(), 0.0
+    while launched < (tcfg.train_iters or 0):
+        profiler.before(launched)
+        step = _step(ctx, source)
+        profiler.after(launched, ctx.device)
+        launched += 1
+        if pending is not None:
+            _, nan_run = _settle(ctx, state, pending, win, nan_run)
+        pending = step
+        reason = ctx.stop.should_stop(ctx.device)
+        if reason is None and tcfg.exit_interval and launched % tcfg.exit_interval == 0:
+            reason = f"exit_interval {tcfg.exit_interval}"
+        log_now = launched % log_interval == 0
+        save_now = should_save(args, launched)
+        eval_now = bool(tcfg.eval_interval) and launched % tcfg.eval_interval == 0
+        if not (log_now or save_now or eval_now or reason or launched >= (tcfg.train_iters or 0)):
+            continue
+        res, nan_run = _settle(ctx, state, pending, win, nan_run)
+        pending = None
+        if log_now:
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)  # so the logged time covers the queued work
+            now = time.perf_counter()
+            win.seconds = now - window_start - paused
             ctx.logger.log_train(_record(ctx, state, res, win))
-            win = _Window()
-        if should_save(args, state.iteration):
+            win, window_start, paused = _Window(), now, 0.0
+        t = time.perf_counter()
+        if save_now:
             _save(ctx, state)
             last_saved = state.iteration
-        if tcfg.eval_interval and state.iteration % tcfg.eval_interval == 0:
+        if eval_now:
             run_eval(ctx, state, valid_iter, "validation")
-        reason = ctx.stop.should_stop(ctx.device)
-        if reason is None and tcfg.exit_interval and state.iteration % tcfg.exit_interval == 0:
-            reason = f"exit_interval {tcfg.exit_interval}"
+        paused += time.perf_counter() - t  # saving and evaluation are not training throughput
         if reason is not None:
             if last_saved != state.iteration:
                 _save(ctx, state)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
-from neox.training.grad_clip import clip_grad_norm_, uses_own_clipping
+from neox.training.grad_clip import clip_grad_norm_, release_grad_scale, uses_own_clipping
 
 
 @dataclass
@@ -84,15 +84,49 @@ class _Timer:
         return now
 
 
-def _to_float(value: torch.Tensor | None) -> float | None:
-    return None if value is None else float(value.item())
+class PendingScalars:
+    """A step's scalars (loss, gradient norm), readable later without draining the GPU queue.
+
+    ``.item()`` on a CUDA tensor waits for everything queued on the stream, including the next
+    step the loop has launched in the meantime. Here each CUDA scalar is copied into pinned host
+    memory behind an event, and reading waits only for the work queued up to this step.
+    """
+
+    def __init__(self, **values: torch.Tensor | float | None) -> None:
+        self._values: dict[str, torch.Tensor | float | None] = {}
+        self._event: torch.cuda.Event | None = None
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                value = value.detach().float()
+                if value.is_cuda:
+                    value = value.to("cpu", non_blocking=True)  # pinned destination
+                    self._event = self._event or torch.cuda.Event()
+            self._values[key] = value
+        if self._event is not None:
+            self._event.record()
+
+    def get(self) -> dict[str, float | None]:
+        if self._event is not None:
+            self._event.synchronize()
+        return {k: None if v is None else float(v) for k, v in self._values.items()}
 
 
-def _grad_norm(engine: Any) -> float | None:
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work may still be running; ``result()`` reads its scalars back."""
+
+    scalars: PendingScalars
+    applied: bool
+    timers_ms: dict[str, float] = field(default_factory=dict)
+
+    def result(self) -> StepResult:
+        values = self.scalars.get()
+        return StepResult(values["loss"], self.applied, values.get("grad_norm"), self.timers_ms)
+
+
+def _grad_norm(engine: Any) -> torch.Tensor | float | None:
     norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
+    return None if norm is None else norm if torch.is_tensor(norm) else float(norm)
 
 
 def _own_clipping(engine: Any) -> bool:
@@ -100,8 +134,8 @@ def _own_clipping(engine: Any) -> bool:
 
 
 def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
-               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False) -> StepResult:
-    """One optimizer step on a plain (non-pipeline) engine.
+               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False) -> LaunchedStep:
+    """One optimizer step on a plain (non-pipeline) engine, returned without waiting for the GPU.
 
     ``grad_clip`` is applied here on engines whose clipping neox does itself (``grad_clip``
     module); elsewhere DeepSpeed clips with the config's ``gradient_clipping``.
@@ -118,22 +152,25 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
         t = timer.mark("forward", t)
         engine.backward(loss)
         t = timer.mark("backward", t)
-        if engine.is_gradient_accumulation_boundary() and _own_clipping(engine):
-            own_norm = clip_grad_norm_(engine.module.parameters(), grad_clip)
+        boundary_clip = engine.is_gradient_accumulation_boundary() and _own_clipping(engine)
+        if boundary_clip:
+            own_norm = clip_grad_norm_(engine.module.parameters(), grad_clip, engine.optimizer)
         engine.step()
+        if boundary_clip:
+            release_grad_scale(engine.optimizer)
         timer.mark("optimizer", t)
         losses.append(loss.detach().float())
     mean = dp_mean(torch.stack(losses).mean())
     norm = _grad_norm(engine)
-    return StepResult(float(mean), bool(engine.was_step_applied()), norm if norm is not None else _to_float(own_norm),
-                      timer.ms)
+    return LaunchedStep(PendingScalars(loss=mean, grad_norm=norm if norm is not None else own_norm),
+                        bool(engine.was_step_applied()), timer.ms)
 
 
 def train_step_pipe(engine: Any, data_iter: Iterator, *, device: torch.device,
-                    breakdown: bool = False) -> StepResult:
+                    breakdown: bool = False) -> LaunchedStep:
     """One optimizer step on a DeepSpeed PipelineEngine (its schedule pulls GAS micro-batches)."""
     timer = _Timer(breakdown, device)
     t = time.perf_counter()
     loss = engine.train_batch(data_iter)
     timer.mark("train_batch", t)
-    return StepResult(float(loss.float().item()), bool(engine.was_step_applied()), _grad_norm(engine), timer.ms)
+    return LaunchedStep(PendingScalars(loss=loss, grad_norm=_grad_norm(engine)), bool(engine.was_step_applied()), timer.ms)
