@@ -33,6 +33,7 @@ def test_deepspeed_config_contents():
         "wall_clock_breakdown": True,
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": False,
+        "timers": {"throughput": {"enabled": False}},
         "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
     }
     assert cfg == expected
@@ -41,8 +42,10 @@ def test_deepspeed_config_contents():
 def test_legacy_fp16_block_and_passthrough():
     values = {**LLEMMA_LIKE, "precision": None, "bf16": {}, "data_types": {}, "model_parallel_size": 1,
               "fp16": {"fp16": True, "enabled": True, "loss_scale": 0, "initial_scale_power": 12},
-              "deepspeed_extra_args": {"memory_breakdown": True}, "prescale_gradients": False}
+              "deepspeed_extra_args": {"memory_breakdown": True, "timers": {"throughput": {"enabled": True}}},
+              "prescale_gradients": False}
     cfg = NeoXArgs.from_flat(values, world_size=1).deepspeed_config()
+    assert cfg["timers"] == {"throughput": {"enabled": True}}  # the user's choice wins over neox's default
     assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
     assert cfg["memory_breakdown"] is True and cfg["prescale_gradients"] is False
 
