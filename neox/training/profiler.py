@@ -103,8 +103,11 @@ class IterationProfiler:
         prof.export_chrome_trace(str(out / f"trace_rank{r}.json.gz"))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         (out / f"kernels_rank{r}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+        # Device-side records only; user annotations (``Optimizer.step#AdamW.step``) span kernels
+        # already counted and would count them twice.
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                   if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start]
+                   if str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
+                   and e.time_range.end > e.time_range.start]
         summary = summarize(kernels, iterations)
         (out / f"summary_rank{r}.json").write_text(json.dumps(summary, indent=1) + "\n")
         logging.getLogger(__name__).info("profile of iterations [%d, %d) written to %s: %s",
