@@ -48,6 +48,23 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def largest_gaps(kernels: list[tuple[str, float, float]], cpu_ops: list[tuple[str, float, float]],
+                 top: int = 5, min_us: float = 100.0) -> list[dict[str, Any]]:
+    """The longest stretches with no kernel running, each with the host ops that ran during it
+    (by start time): what the GPU was waiting for."""
+    gaps, end = [], None
+    for name, start, stop in sorted(kernels, key=lambda k: k[1]):
+        if end is not None and start - end >= min_us:
+            gaps.append((start - end, end, start, name))
+        end = stop if end is None else max(end, stop)
+    out = []
+    for length, a, b, next_kernel in sorted(gaps, reverse=True)[:top]:
+        host = sorted((s, n) for n, s, e in cpu_ops if s < b and e > a)
+        out.append({"idle_ms": round(length / 1000, 3), "next_kernel": next_kernel[:80],
+                    "host_ops": [n[:60] for _, n in host[:8]]})
+    return out
+
+
 def summarize(kernels: list[tuple[str, float, float]], iterations: int) -> dict[str, Any]:
     """Per-iteration ms per kernel class and idle share from (name, start_us, end_us) kernel records."""
     if not kernels:
@@ -109,6 +126,9 @@ class IterationProfiler:
                    if str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
                    and e.time_range.end > e.time_range.start]
         summary = summarize(kernels, iterations)
+        cpu_ops = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if str(getattr(e, "device_type", "")).endswith("CPU")]
+        summary["largest_gaps"] = largest_gaps(kernels, cpu_ops)
         (out / f"summary_rank{r}.json").write_text(json.dumps(summary, indent=1) + "\n")
         logging.getLogger(__name__).info("profile of iterations [%d, %d) written to %s: %s",
                                          self.start, self.stop, out, json.dumps(summary))

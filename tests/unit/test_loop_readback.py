@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neox.checkpoint import local
-from neox.training.profiler import kernel_class, summarize
+from neox.training.profiler import kernel_class, largest_gaps, summarize
 from neox.training.step import PendingScalars
 from tests.distributed.test_train_parity import make_corpus, tiny_flat
 from tests.unit.test_checkpoint import init_single_rank
@@ -86,6 +86,15 @@ def test_kernel_summary_from_records():
     assert s["ms_per_iter"] == {"gemm": 0.6, "attention": 0.2, "compiled": 0.1, "optimizer": 0.1}
     assert kernel_class("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
     assert kernel_class("Memcpy DtoH (Device -> Pinned)") == "copy"
+
+
+def test_largest_gaps_name_the_host_ops_at_the_gap():
+    kernels = [("k1", 0.0, 100.0), ("k2", 600.0, 700.0), ("k3", 700.0, 800.0), ("k4", 1000.0, 1100.0)]
+    cpu = [("train_step", 0.0, 2000.0), ("aten::item", 550.0, 601.0), ("aten::mm", 950.0, 960.0)]
+    gaps = largest_gaps(kernels, cpu, top=2)
+    assert [g["idle_ms"] for g in gaps] == [0.5, 0.2]
+    assert gaps[0]["next_kernel"] == "k2" and gaps[0]["host_ops"] == ["train_step", "aten::item"]
+    assert gaps[1]["host_ops"] == ["train_step", "aten::mm"]
 
 
 def test_pending_scalars_read_floats_and_none():
