@@ -61,7 +61,7 @@ def largest_gaps(kernels: list[tuple[str, float, float]], cpu_ops: list[tuple[st
     for length, a, b, next_kernel in sorted(gaps, reverse=True)[:top]:
         host = sorted((s, n) for n, s, e in cpu_ops if s < b and e > a)
         out.append({"idle_ms": round(length / 1000, 3), "next_kernel": next_kernel[:80],
-                    "host_ops": [n[:60] for _, n in host[:8]]})
+                    "host_ops": [n[:60] for _, n in (host if len(host) <= 10 else host[:3] + host[-7:])]})
     return out
 
 
