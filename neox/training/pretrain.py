@@ -117,6 +117,11 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     return compile_blocks(GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed), args, device)
 
 
+def compile_options(args: NeoXArgs) -> dict[str, Any]:
+    """Inductor options of every neox torch.compile call (``torch_compile_tuning``)."""
+    return {"coordinate_descent_tuning": True} if args.model.torch_compile_tuning else {}
+
+
 def compile_blocks(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     """torch.compile each transformer block in place (``torch_compile``, GPU only; CPU runs stay eager)."""
     if args.model.torch_compile and device.type == "cuda":
@@ -124,7 +129,7 @@ def compile_blocks(model: torch.nn.Module, args: NeoXArgs, device: torch.device)
 
         for module in model.modules():
             if isinstance(module, TransformerBlock):
-                module.compile()
+                module.compile(options=compile_options(args) or None)
     return model
 
 
@@ -135,7 +140,7 @@ def training_loss_fn(args: NeoXArgs, device: torch.device, loss_fn: Any) -> Any:
     logits instead of materialising fp32 logits for the whole micro-batch.
     """
     if args.model.torch_compile and device.type == "cuda" and args.parallel.model_parallel_size == 1:
-        return torch.compile(loss_fn)
+        return torch.compile(loss_fn, options=compile_options(args) or None)
     return loss_fn
 
 

@@ -121,3 +121,17 @@ def test_optimizer_choice_and_deepspeed_config():
     bad = NeoXArgs.from_flat({**base, "optimizer": {"type": "lamb", "params": {"lr": 1e-3}}}, world_size=1)
     with pytest.raises(ConfigError, match="optimizer.type"):
         build_optimizer(model, bad, torch.device("cpu"))
+
+
+def test_compile_tuning_option():
+    from neox.training.pretrain import compile_options
+
+    flat = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "seq_length": 8,
+            "tokenizer_type": "CharLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "train_iters": 1,
+            "torch_compile": True}
+    assert compile_options(NeoXArgs.from_flat(flat, world_size=1)) == {}
+    tuned = NeoXArgs.from_flat({**flat, "torch_compile_tuning": True}, world_size=1)
+    assert compile_options(tuned) == {"coordinate_descent_tuning": True}
+    import torch._inductor.config as inductor_config
+
+    assert hasattr(inductor_config, "coordinate_descent_tuning")  # the option names a real Inductor setting
