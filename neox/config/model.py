@@ -128,7 +128,7 @@ class ModelConfig:
     """Split checkpointed activations across tensor-parallel ranks (DeepSpeed activation checkpointing)."""
 
     torch_compile_tuning: bool = False
-    """neox: with torch_compile, let Inductor tune the launch configuration of each kernel it generates (coordinate-descent tuning): a longer first compile (about a minute more for TinyLlama-1.1B), then measured +1.5% training throughput on an H100 (docs/performance.md)."""
+    """neox: with torch_compile, let Inductor tune the launch configuration of each kernel it generates (coordinate-descent tuning): a longer first compile (about a minute more for TinyLlama-1.1B), then measured +1.5-2% training throughput on an H100 (docs/performance.md)."""
 
     fp32_residual_connection: bool = False
     """Keep the residual stream (embedding output and every block's sum) in fp32 under torch_autocast. Off (Megatron's default): it runs in the autocast dtype, as it does with bf16/fp16 parameters, which halves the memory traffic of norms and residual adds. Only meaningful with fp32 parameters (precision fp32)."""
