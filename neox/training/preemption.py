@@ -1,7 +1,9 @@
 """Stop requests: the kill-switch file and SIGTERM / SIGUSR1, checked at iteration boundaries.
 
 A signal handler only records the request; the loop polls ``should_stop`` after each iteration, all
-ranks agree on it through one all-reduce, and the run saves a checkpoint and exits cleanly.
+ranks agree on it through one all-reduce, and the run saves a checkpoint and exits cleanly. With
+several ranks the all-reduced flag is read one poll later (``PendingScalars``), so agreeing costs
+no GPU drain per step; every rank reads the same flag at the same poll, so all stop together.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from neox.training.readback import PendingScalars
+
 
 class StopRequests:
     """Collects stop requests from signals and the kill-switch file."""
@@ -23,6 +27,7 @@ class StopRequests:
         self.kill_switch_path = kill_switch_path
         self.signal_received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[PendingScalars, str | None] | None = None
 
     def install(self) -> None:
         """Record SIGTERM / SIGUSR1 instead of dying (main thread only; elsewhere a no-op)."""
@@ -49,12 +54,17 @@ class StopRequests:
         return None
 
     def should_stop(self, device: torch.device) -> str | None:
-        """The stop reason if any rank has one (a collective: every rank must call it)."""
+        """The stop reason if any rank has one (a collective: every rank must call it each time).
+
+        On several ranks the answer covers the requests seen up to the previous call: this call's
+        all-reduce is read at the next one.
+        """
         reason = self.local_reason()
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return reason
         flag = torch.tensor([1.0 if reason else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            return reason or "stop requested on another rank"
-        return None
+        previous, self._pending = self._pending, (PendingScalars(flag=flag), reason)
+        if previous is None or not previous[0].get()["flag"]:
+            return None
+        return previous[1] or reason or "stop requested on another rank"

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_core import parallel_state
 from neox.training.grad_clip import clip_grad_norm_, release_grad_scale, uses_own_clipping
+from neox.training.readback import PendingScalars
 
 
 @dataclass
@@ -82,33 +83,6 @@ class _Timer:
         now = time.perf_counter()
         self.ms[name] = self.ms.get(name, 0.0) + (now - start) * 1000
         return now
-
-
-class PendingScalars:
-    """A step's scalars (loss, gradient norm), readable later without draining the GPU queue.
-
-    ``.item()`` on a CUDA tensor waits for everything queued on the stream, including the next
-    step the loop has launched in the meantime. Here each CUDA scalar is copied into pinned host
-    memory behind an event, and reading waits only for the work queued up to this step.
-    """
-
-    def __init__(self, **values: torch.Tensor | float | None) -> None:
-        self._values: dict[str, torch.Tensor | float | None] = {}
-        self._event: torch.cuda.Event | None = None
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                value = value.detach().float()
-                if value.is_cuda:
-                    value = value.to("cpu", non_blocking=True)  # pinned destination
-                    self._event = self._event or torch.cuda.Event()
-            self._values[key] = value
-        if self._event is not None:
-            self._event.record()
-
-    def get(self) -> dict[str, float | None]:
-        if self._event is not None:
-            self._event.synchronize()
-        return {k: None if v is None else float(v) for k, v in self._values.items()}
 
 
 @dataclass

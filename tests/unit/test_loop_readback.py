@@ -12,7 +12,7 @@ import torch
 
 from neox.checkpoint import local
 from neox.training.profiler import kernel_class, largest_gaps, summarize
-from neox.training.step import PendingScalars
+from neox.training.readback import PendingScalars
 from tests.distributed.test_train_parity import make_corpus, tiny_flat
 from tests.unit.test_checkpoint import init_single_rank
 
