@@ -7,35 +7,13 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 
 from neox.checkpoint import local
 from neox.training.profiler import kernel_class, largest_gaps, summarize
 from neox.training.readback import PendingScalars
-from tests.distributed.test_train_parity import make_corpus, tiny_flat
-from tests.unit.test_checkpoint import init_single_rank
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _dist():
-    init_single_rank()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def _pretrain(flat):
-    from megatron_core import parallel_state
-    from neox.config import NeoXArgs
-    from neox.training.pretrain import pretrain
-
-    try:
-        return pretrain(NeoXArgs.from_flat(flat, world_size=1))
-    finally:
-        parallel_state.destroy_model_parallel()
+from tests.distributed.test_train_parity import run_pretrain, tiny_flat
+from tests.reliability.test_training_faults import _dist, corpus  # noqa: F401  (fixtures: one rank, the corpus)
 
 
 def _records(log_dir) -> list[dict]:
@@ -44,10 +22,10 @@ def _records(log_dir) -> list[dict]:
 
 
 def test_sparse_logging_settles_every_step_in_order(tmp_path, corpus):
-    every = _pretrain(tiny_flat(corpus, train_iters=7, log_dir=str(tmp_path / "every"), log_interval=1))
+    every = run_pretrain(tiny_flat(corpus, train_iters=7, log_dir=str(tmp_path / "every"), log_interval=1), 1)
     save = tmp_path / "save"
-    sparse = _pretrain(tiny_flat(corpus, train_iters=7, log_dir=str(tmp_path / "sparse"), log_interval=3,
-                                 save=str(save), checkpoint_factor=4))
+    sparse = run_pretrain(tiny_flat(corpus, train_iters=7, log_dir=str(tmp_path / "sparse"), log_interval=3,
+                                 save=str(save), checkpoint_factor=4), 1)
     assert sparse.losses == every.losses and len(sparse.losses) == 7
     assert sparse.state.iteration == 7 and sparse.state.consumed_train_samples == 28
     recs = _records(tmp_path / "sparse")
@@ -58,7 +36,7 @@ def test_sparse_logging_settles_every_step_in_order(tmp_path, corpus):
     assert sorted(p.name for p in save.iterdir()) == ["global_step4", "global_step7", "latest"]
     # the iteration-4 checkpoint holds the weights after 4 steps, not after the 5th (already queued) step
     ref_save = tmp_path / "ref_save"
-    _pretrain(tiny_flat(corpus, train_iters=4, lr_decay_iters=7, save=str(ref_save), checkpoint_factor=4))
+    run_pretrain(tiny_flat(corpus, train_iters=4, lr_decay_iters=7, save=str(ref_save), checkpoint_factor=4), 1)
     name = "mp_rank_00_model_states.pt"
     got = torch.load(save / "global_step4" / name, weights_only=True)["module"]
     ref = torch.load(ref_save / "global_step4" / name, weights_only=True)["module"]
@@ -68,8 +46,8 @@ def test_sparse_logging_settles_every_step_in_order(tmp_path, corpus):
 
 def test_profile_keys_write_trace_table_and_summary(tmp_path, corpus):
     logs = tmp_path / "logs"
-    _pretrain(tiny_flat(corpus, train_iters=4, log_dir=str(logs), profile=True, profile_step_start=1,
-                        profile_step_stop=3))
+    run_pretrain(tiny_flat(corpus, train_iters=4, log_dir=str(logs), profile=True, profile_step_start=1,
+                        profile_step_stop=3), 1)
     out = logs / "profile"
     assert (out / "trace_rank0.json.gz").stat().st_size > 0
     assert "Self CPU" in (out / "kernels_rank0.txt").read_text()
