@@ -62,7 +62,6 @@ def tiny_flat(prefix: str, **overrides: Any) -> dict[str, Any]:
 
 def run_pretrain(flat: dict[str, Any], world_size: int) -> Any:
     """Build NeoXArgs for a world of ``world_size`` and train; resets the model-parallel groups after."""
-    from megatron_core import parallel_state
     from neox.config import NeoXArgs
     from neox.training.pretrain import pretrain
 
@@ -70,7 +69,18 @@ def run_pretrain(flat: dict[str, Any], world_size: int) -> Any:
     try:
         return pretrain(args)
     finally:
-        parallel_state.destroy_model_parallel()
+        release_groups()
+
+
+def release_groups() -> None:
+    """Forget neox's model-parallel groups and DeepSpeed's reference to them (``groups.mpu``), so a
+    later engine in the same process does not ask the released groups for ranks."""
+    from deepspeed.utils import groups
+
+    from megatron_core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    groups.mpu = None
 
 
 def _guarded(fn: Any) -> Any:

@@ -20,7 +20,7 @@ import torch
 
 from neox.checkpoint import local
 from neox.errors import NeoXError
-from tests.distributed.test_train_parity import make_corpus, tiny_flat
+from tests.distributed.test_train_parity import make_corpus, run_pretrain, tiny_flat
 from tests.unit.test_checkpoint import init_single_rank
 
 
@@ -35,14 +35,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _pretrain(flat):
-    from megatron_core import parallel_state
-    from neox.config import NeoXArgs
-    from neox.training.pretrain import pretrain
-
-    try:
-        return pretrain(NeoXArgs.from_flat(flat, world_size=1))
-    finally:
-        parallel_state.destroy_model_parallel()
+    return run_pretrain(flat, 1)
 
 
 def _nan_at(monkeypatch, calls: set[int]) -> None:
