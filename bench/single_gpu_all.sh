@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 8's three single-GPU comparisons in one device call, most important first, each with its
+# peers in the same call:  bash bench/single_gpu_all.sh $OUT   (needs .carry/peers.py; ~9 min on an H100)
+#   1. TinyLlama-1.1B shape, seq 4096, micro-batch 4 (configs/tinyllama_1b.yml as committed)
+#   2. the same at seq 2048
+#   3. the 125M class (configs/125M.yml: seq 2048, micro-batch 8) with TinyLlama's one-GPU settings
+# A part that hits its time limit is cut; the parts before it are already written under OUT.
+set -u
+OUT=${1:-${OUT:-runs/bench}}
+PEERS=${PEERS:-.carry/peers.py}
+ONE_GPU=(--set torch_compile=true --set torch_compile_tuning=true --set precision=fp32
+         --set 'bf16={enabled: false}' --set 'data_types={}' --set 'torch_autocast={enabled: true, dtype: bfloat16}'
+         --set 'zero_optimization={stage: 0}')
+run() {  # name, seconds, bench_train.py arguments...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" python bench/bench_train.py --peers "$PEERS" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  grep -A8 '^who' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+}
+mkdir -p "$OUT"
+run tinyllama_4096 260 --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10
+run tinyllama_2048 170 --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10 --set seq_length=2048
+run 125M 130 --config configs/125M.yml --steps 30 --warmup 10 --log-interval 10 "${ONE_GPU[@]}"
