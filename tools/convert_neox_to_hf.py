@@ -27,9 +27,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox.checkpoint import keys  # noqa: E402
+from neox.checkpoint.cli import DTYPES  # noqa: E402
 from neox.errors import ConfigError, NeoXError, exit_code_of  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

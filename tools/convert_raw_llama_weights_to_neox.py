@@ -26,10 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox.checkpoint import keys  # noqa: E402
+from neox.checkpoint.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import CheckpointError, ConfigError, exit_code_of  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-          "float32": torch.float32, "float16": torch.float16}
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -137,13 +135,7 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    p.add_argument("--config_file", required=True, nargs="+", help="neox YAML config(s) of the model")
-    p.add_argument("--output_dir", required=True, help="checkpoint folder (gets global_step0/ and latest)")
-    p.add_argument("--num_output_shards", type=int, default=None,
-                   help="tensor-parallel shards to write (default: the config's model_parallel_size)")
-    p.add_argument("--pipe_parallel_size", type=int, default=None,
-                   help="0: plain mp_rank files; >=1: pipeline layer files (default: the config's)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="output dtype (default: as stored)")
+    add_output_args(p, output_help="checkpoint folder (gets global_step0/ and latest)", torch_dtype_names=True)
     p.add_argument("--keep_config_rotary_base", action="store_true",
                    help="allow the config's rotary_emb_base to differ from params.json's rope_theta "
                         "(continued pretraining with a new RoPE base, as Llemma 7B does)")
@@ -157,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         from neox.config.args import NeoXArgs
 
         args = NeoXArgs.from_ymls(a.config_file)
-        tp = a.num_output_shards or args.parallel.model_parallel_size
-        pp = args.parallel.pipe_parallel_size if a.pipe_parallel_size is None else a.pipe_parallel_size
-        convert(a.input_dir, args.model, a.output_dir, tp, pp, DTYPES.get(a.precision or ""),
+        convert(a.input_dir, args.model, a.output_dir, *output_layout(a, args),
                 keep_config_rotary_base=a.keep_config_rotary_base)
 
     return exit_code_of(run)

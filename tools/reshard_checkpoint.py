@@ -23,9 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox.checkpoint import keys  # noqa: E402
+from neox.checkpoint.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import exit_code_of  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def reshard(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp: int,
@@ -58,12 +57,7 @@ def repad_vocab(full: Mapping[str, torch.Tensor], cfg: Any, tp: int) -> tuple[Ma
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input_dir", required=True, help="checkpoint folder (with latest) or a tag folder")
-    p.add_argument("--config_file", required=True, nargs="+", help="neox YAML config(s) of the model")
-    p.add_argument("--output_dir", required=True, help="checkpoint folder to write")
-    p.add_argument("--num_output_shards", type=int, required=True, help="new tensor-parallel size")
-    p.add_argument("--pipe_parallel_size", type=int, default=0,
-                   help="0: plain mp_rank files; >=1: pipeline layer files (any number of stages loads them)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="output dtype (default: as stored)")
+    add_output_args(p, output_help="checkpoint folder to write", reshard=True)
     return p.parse_args(argv)
 
 
@@ -74,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from neox.config.args import NeoXArgs
 
         args = NeoXArgs.from_ymls(a.config_file)
-        reshard(a.input_dir, args.model, a.output_dir, a.num_output_shards, a.pipe_parallel_size,
-                DTYPES.get(a.precision or ""))
+        _, pp, dtype = output_layout(a, args)
+        reshard(a.input_dir, args.model, a.output_dir, a.num_output_shards, pp, dtype)
 
     return exit_code_of(run)
 
