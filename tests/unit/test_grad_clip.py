@@ -48,7 +48,7 @@ def test_clip_folded_into_fused_adamw_equals_separate_clip():
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
     opt_ours = torch.optim.AdamW(ours, lr=1e-2, weight_decay=0.1, fused=True)
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn(s) * 10 for s in shapes]
         for p, q, g in zip(ref, ours, grads):
             p.grad, q.grad = g.clone(), g.clone()

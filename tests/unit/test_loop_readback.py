@@ -13,7 +13,9 @@ from neox.checkpoint import local
 from neox.training.profiler import kernel_class, largest_gaps, summarize
 from neox.training.readback import PendingScalars
 from tests.distributed.test_train_parity import run_pretrain, tiny_flat
-from tests.reliability.test_training_faults import _dist, corpus  # noqa: F401  (fixtures: one rank, the corpus)
+from tests.reliability import test_training_faults as faults
+
+_dist, corpus = faults._dist, faults.corpus  # fixtures: one gloo rank, the char corpus
 
 
 def _records(log_dir) -> list[dict]:
