@@ -54,7 +54,7 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     total = total_sq.sqrt()
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        if optimizer is not None and takes_grad_scale(optimizer) and all(g.dtype == torch.float32 for g in grads):
+        if optimizer is not None and takes_grad_scale(optimizer):
             optimizer.grad_scale = coef.reciprocal()  # type: ignore[attr-defined]
         else:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))

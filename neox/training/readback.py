@@ -10,18 +10,19 @@ class PendingScalars:
 
     ``.item()`` on a CUDA tensor waits for everything queued on the stream, including the next
     step the loop has launched in the meantime. Here each CUDA scalar is copied into pinned host
-    memory behind an event, and reading waits only for the work queued up to this step.
+    memory behind an event, and reading waits only for the work queued up to this step. CPU
+    values are read at once: they cost no wait, and a tensor the caller reuses cannot change them.
     """
 
     def __init__(self, **values: torch.Tensor | float | None) -> None:
         self._values: dict[str, torch.Tensor | float | None] = {}
         self._event: torch.cuda.Event | None = None
         for key, value in values.items():
-            if torch.is_tensor(value):
-                value = value.detach().float()
-                if value.is_cuda:
-                    value = value.to("cpu", non_blocking=True)  # pinned destination
-                    self._event = self._event or torch.cuda.Event()
+            if torch.is_tensor(value) and value.is_cuda:
+                value = value.detach().float().to("cpu", non_blocking=True)  # pinned destination
+                self._event = self._event or torch.cuda.Event()
+            elif value is not None:
+                value = float(value)
             self._values[key] = value
         if self._event is not None:
             self._event.record()
