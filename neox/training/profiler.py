@@ -71,7 +71,8 @@ def summarize(kernels: list[tuple[str, float, float]], iterations: int) -> dict[
         return {"iterations": iterations, "kernels": 0}
     per_class: dict[str, float] = {}
     for name, start, end in kernels:
-        per_class[kernel_class(name)] = per_class.get(kernel_class(name), 0.0) + (end - start)
+        cls = kernel_class(name)
+        per_class[cls] = per_class.get(cls, 0.0) + (end - start)
     window = max(e for _, _, e in kernels) - min(s for _, s, _ in kernels)
     busy = _union_us([(s, e) for _, s, e in kernels])
     n = max(iterations, 1)
@@ -120,14 +121,16 @@ class IterationProfiler:
         prof.export_chrome_trace(str(out / f"trace_rank{r}.json.gz"))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         (out / f"kernels_rank{r}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
-        # Device-side records only; user annotations (``Optimizer.step#AdamW.step``) span kernels
-        # already counted and would count them twice.
-        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                   if str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
-                   and e.time_range.end > e.time_range.start]
+        kernels, cpu_ops = [], []
+        for e in prof.events():
+            record, kind = (e.name, e.time_range.start, e.time_range.end), str(getattr(e, "device_type", ""))
+            if kind.endswith("CPU"):
+                cpu_ops.append(record)
+            # Device-side records only; user annotations (``Optimizer.step#AdamW.step``) span kernels
+            # already counted and would count them twice.
+            elif kind.endswith("CUDA") and not getattr(e, "is_user_annotation", False) and record[2] > record[1]:
+                kernels.append(record)
         summary = summarize(kernels, iterations)
-        cpu_ops = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                   if str(getattr(e, "device_type", "")).endswith("CPU")]
         summary["largest_gaps"] = largest_gaps(kernels, cpu_ops)
         (out / f"summary_rank{r}.json").write_text(json.dumps(summary, indent=1) + "\n")
         logging.getLogger(__name__).info("profile of iterations [%d, %d) written to %s: %s",
