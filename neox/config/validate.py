@@ -143,6 +143,33 @@ def one_half_precision(a: NeoXArgs) -> None:
                         f"torch_autocast); with {expected} parameters the residual stream is {expected}")
 
 
+def master_weights_setup(a: NeoXArgs) -> None:
+    """``optimizer_master_weights`` replaces autocast's fp32 parameters; it needs that setup."""
+    if not a.precision.optimizer_master_weights:
+        return
+    autocast = a.compat.get("torch_autocast") or {}
+    dtype = str(autocast.get("dtype", "bfloat16")).replace("torch.", "")
+    needs = {
+        "precision": (a.precision.precision == "fp32", f"needs precision fp32 (got {a.precision.precision})"),
+        "torch_autocast": (bool(autocast.get("enabled")) and dtype in ("bfloat16", "bf16"),
+                           "needs torch_autocast {enabled: true, dtype: bfloat16}"),
+        "zero_optimization": (int(a.optim.zero_optimization.get("stage", 0)) == 0,
+                              f"needs zero_optimization.stage 0 (got {a.optim.zero_optimization.get('stage')})"),
+        "pipe_parallel_size": (a.parallel.pipe_parallel_size == 0,
+                               f"needs pipe_parallel_size 0 (got {a.parallel.pipe_parallel_size})"),
+        "optimizer": (str((a.optim.optimizer or {}).get("type", "AdamW")).lower() in ("adam", "adamw", "fusedadam"),
+                      f"needs optimizer.type Adam or AdamW (got {(a.optim.optimizer or {}).get('type')})"),
+    }
+    for key, (ok, why) in needs.items():
+        if not ok:
+            raise key_error(("optimizer_master_weights", key), why)
+    accum = str((a.precision.data_types or {}).get("grad_accum_dtype", "")).lower()
+    if a.training.gradient_accumulation_steps > 1 and accum not in ("bf16", "bfloat16"):
+        raise key_error(("optimizer_master_weights", "gradient_accumulation_steps"),
+                        f"gradients are bf16, so gradient_accumulation_steps {a.training.gradient_accumulation_steps} would "
+                        "accumulate them in bf16; set data_types.grad_accum_dtype: bf16 to accept that, or accumulate 1")
+
+
 def mixture_weights_match_paths(a: NeoXArgs) -> None:
     d = a.data
     for split in ("train", "valid", "test"):
@@ -255,6 +282,7 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     known_activation,
     dropout_probabilities,
     one_half_precision,
+    master_weights_setup,
     mixture_weights_match_paths,
     positive_counts,
     numeric_ranges,

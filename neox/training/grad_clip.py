@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
+from neox.training.master_weights import MasterWeightAdamW
 
 
 def uses_own_clipping(zero_stage: int, fp16: bool, bf16: bool) -> bool:
@@ -25,7 +26,10 @@ def uses_own_clipping(zero_stage: int, fp16: bool, bf16: bool) -> bool:
 
 def takes_grad_scale(optimizer: object) -> bool:
     """True for PyTorch's fused Adam/AdamW, whose kernel divides each gradient by ``optimizer.grad_scale``
-    (the hook GradScaler uses) while it updates the weights and writes the divided gradient back."""
+    (the hook GradScaler uses) while it updates the weights and writes the divided gradient back, and
+    for neox's ``MasterWeightAdamW``, which divides its fp32 copy of each gradient."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        return True
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
 
 
@@ -47,8 +51,9 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     grads = [p.grad for p in params]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     counted = [p.grad for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
-    norms = torch._foreach_norm(counted) if counted else [torch.zeros((), device=grads[0].device)]
-    total_sq = torch.stack([n.float() for n in norms]).square().sum()
+    # fp32 norms of bf16 gradients: a bf16 norm keeps 3 significant digits.
+    norms = torch._foreach_norm(counted, 2, dtype=torch.float32) if counted else [torch.zeros((), device=grads[0].device)]
+    total_sq = torch.stack(norms).square().sum()
     if parallel_state.get_tensor_model_parallel_world_size() > 1 and dist.is_initialized():
         dist.all_reduce(total_sq, group=parallel_state.get_tensor_model_parallel_group())
     total = total_sq.sqrt()

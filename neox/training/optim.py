@@ -20,6 +20,7 @@ import torch
 from neox.config import NeoXArgs
 from neox.errors import ConfigError
 from neox.training.grad_clip import uses_own_clipping
+from neox.training.master_weights import MasterWeightAdamW, to_half_parameters
 
 ADAM_TYPES = ("adam", "adamw", "fusedadam", "cpu_adam")
 
@@ -72,6 +73,9 @@ def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device
         raise ConfigError(f"optimizer.type: expected Adam, AdamW or SGD, got {spec.get('type')!r}")
     betas = tuple(params.get("betas", (0.9, 0.999)))
     eps = float(params.get("eps", 1e-8))
+    if args.precision.optimizer_master_weights:
+        to_half_parameters(model, torch.bfloat16)
+        return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, compile=device.type == "cuda")
     if _offloads_optimizer(args.optim.zero_optimization) and _installed_op("cpu_adam"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

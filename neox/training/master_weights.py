@@ -1,0 +1,118 @@
+"""AdamW over fp32 master weights for a model that holds bf16 parameters (``optimizer_master_weights``).
+
+With fp32 parameters under torch.autocast, every forward casts each weight to bf16, every backward
+casts each bf16 weight gradient back to fp32, and fused AdamW then reads fp32 gradients: passes
+over the weights that only move bytes. Here the model holds the bf16 copy and gets bf16
+gradients; the optimizer keeps the fp32 master weights beside the Adam moments and, in one pass,
+upcasts each gradient, updates moments and master, and writes the rounded bf16 parameter. That
+parameter is what autocast would have cast from the master, and at one micro-batch per step the
+gradient is the bf16 GEMM output autocast would have upcast, so the update is fp32 AdamW's.
+
+The update is PyTorch's own AdamW (``torch.optim.adamw.adamw``, foreach form); on a GPU it is
+compiled together with the gradient upcast, the clip scaling and the bf16 write, which Inductor
+fuses into a few kernels. Elsewhere it runs eagerly with the same ops.
+
+A master is created from its parameter at the first step that sees it (or comes with a loaded
+optimizer state), so weights loaded into the model before training starts are the ones trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim.adamw import adamw
+
+
+def _update(params: list[torch.Tensor], grads: list[torch.Tensor], masters: list[torch.Tensor],
+            exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
+            lr: float | torch.Tensor, inv_scale: torch.Tensor | None, *, beta1: float, beta2: float,
+            eps: float, weight_decay: float, capturable: bool) -> None:
+    grads32 = [g.float() for g in grads]
+    if inv_scale is not None:
+        torch._foreach_mul_(grads32, inv_scale)
+    adamw(masters, grads32, exp_avgs, exp_avg_sqs, [], steps, foreach=True, capturable=capturable,
+          amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+    torch._foreach_copy_(params, masters)
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose state per parameter is ``master`` (fp32), ``exp_avg``,
+    ``exp_avg_sq`` and ``step``: torch AdamW's state plus the master, so a state saved by a
+    torch AdamW over fp32 parameters loads (its master is then taken from the parameter).
+
+    ``grad_scale`` (set by neox's gradient clipping, as on PyTorch's fused AdamW) divides every
+    gradient in the next step. ``compile``: run the update through torch.compile (GPU).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, compile: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._compiled = torch.compile(_update) if compile else None
+        self._lr: dict[int, torch.Tensor] = {}
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = p.detach().float()
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(state["master"])
+            state["exp_avg_sq"] = torch.zeros_like(state["master"])
+        # A float step on the parameter's device, as fused/capturable AdamW keep it (no host sync).
+        step = state.get("step", 0.0)
+        if not torch.is_tensor(step) or step.device != p.device or step.dtype != torch.float32:
+            state["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device)
+        return state
+
+    def _lr_tensor(self, index: int, value: float, device: torch.device) -> torch.Tensor:
+        # A compiled update would recompile for every new Python float the LR schedule sets.
+        lr = self._lr.get(index)
+        if lr is None or lr.device != device:
+            lr = self._lr[index] = torch.empty((), dtype=torch.float32, device=device)
+        return lr.fill_(value)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inv_scale = getattr(self, "grad_scale", None)
+        if inv_scale is not None:
+            inv_scale = inv_scale.reciprocal().float()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._init_state(p) for p in params]
+            beta1, beta2 = group["betas"]
+            kw = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            lists = ([p for p in params], [p.grad for p in params], [s["master"] for s in states],
+                     [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+            if self._compiled is not None:
+                lr = self._lr_tensor(index, float(group["lr"]), params[0].device)
+                self._compiled(*lists, lr, inv_scale, capturable=True, **kw)
+            else:  # capturable on a GPU: the step counts stay there, read without a host sync
+                _update(*lists, float(group["lr"]), inv_scale, capturable=params[0].is_cuda, **kw)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim.Optimizer casts loaded floating-point state to the parameter's dtype, which
+        # would round the fp32 masters and moments to bf16: put the saved tensors back as they were
+        # (copies: torch keeps a loaded step tensor shared with the source dict).
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for param, pid in zip(params, saved_ids):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+def to_half_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convert the model's floating-point parameters to ``dtype`` in place (the optimizer's masters
+    are created from them at its first step)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
