@@ -5,14 +5,16 @@
 #   2. the same at seq 2048
 #   3. the 125M class (configs/125M.yml: seq 2048, micro-batch 8) with TinyLlama's one-GPU settings
 # A part that hits its time limit is cut; the parts before it are already written under OUT.
+# ONLY="tinyllama_2048 125M" runs just those parts.
 set -u
 OUT=${1:-${OUT:-runs/bench}}
 PEERS=${PEERS:-.carry/peers.py}
 ONE_GPU=(--set torch_compile=true --set torch_compile_tuning=true --set precision=fp32
          --set 'bf16={enabled: false}' --set 'data_types={}' --set 'torch_autocast={enabled: true, dtype: bfloat16}'
-         --set 'zero_optimization={stage: 0}')
+         --set 'zero_optimization={stage: 0}' --set optimizer_master_weights=true)
 run() {  # name, seconds, bench_train.py arguments...
   local name=$1 limit=$2; shift 2
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
   echo "== $name"
   timeout "$limit" python bench/bench_train.py --peers "$PEERS" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   grep -A8 '^who' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
