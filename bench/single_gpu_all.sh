@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 8's three single-GPU comparisons in one device call, most important first, each with its
-# peers in the same call:  bash bench/single_gpu_all.sh $OUT   (needs .carry/peers.py; ~9 min on an H100)
+# peers in the same call:  bash bench/single_gpu_all.sh $OUT   (needs .carry/peers.py; ~13 min on an H100: run it as two calls with ONLY)
 #   1. TinyLlama-1.1B shape, seq 4096, micro-batch 4 (configs/tinyllama_1b.yml as committed)
 #   2. the same at seq 2048
 #   3. the 125M class (configs/125M.yml: seq 2048, micro-batch 8) with TinyLlama's one-GPU settings
@@ -20,6 +20,6 @@ run() {  # name, seconds, bench_train.py arguments...
   grep -A8 '^who' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
 }
 mkdir -p "$OUT"
-run tinyllama_4096 260 --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10
-run tinyllama_2048 170 --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10 --set seq_length=2048
-run 125M 130 --config configs/125M.yml --steps 30 --warmup 10 --log-interval 10 "${ONE_GPU[@]}"
+run tinyllama_4096 340 --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10
+run tinyllama_2048 260 --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10 --set seq_length=2048
+run 125M 200 --config configs/125M.yml --steps 30 --warmup 10 --log-interval 10 "${ONE_GPU[@]}"

@@ -49,7 +49,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, compile: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._compiled = torch.compile(_update) if compile else None
+        # dynamic=False: each parameter group keeps its own static graph; left to automatic dynamic
+        # shapes, the second group made Dynamo recompile one symbolic graph over ~150 sizes (minutes).
+        self._compiled = torch.compile(_update, dynamic=False) if compile else None
         self._lr: dict[int, torch.Tensor] = {}
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
