@@ -17,6 +17,7 @@ run() {  # name, seconds, bench_train.py arguments...
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
   echo "== $name"
   timeout "$limit" python bench/bench_train.py --peers "$PEERS" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  pkill -f "$PWD/train.py" 2>/dev/null && sleep 3  # a cut run leaves its rank behind, holding the port
   grep -A8 '^who' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
 }
 mkdir -p "$OUT"
