@@ -29,12 +29,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_compiled_autocast_path_matches_cpu_fp32():
+@pytest.mark.parametrize("bf16_params", [False, True], ids=["fp32_params", "bf16_params_master_weights"])
+def test_compiled_autocast_path_matches_cpu_fp32(bf16_params):
+    """bf16_params: the model as ``optimizer_master_weights`` trains it (bf16 parameters, autocast on)."""
+    from neox.training.master_weights import to_half_parameters
+
     torch.manual_seed(0)
     cfg = _cfg()
     cpu = GPTModel(cfg)
     gpu = GPTModel(cfg, device="cuda")
     gpu.load_state_dict(cpu.state_dict())
+    if bf16_params:
+        to_half_parameters(gpu, torch.bfloat16)
     for module in gpu.modules():
         if isinstance(module, TransformerBlock):
             module.compile()
