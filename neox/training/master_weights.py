@@ -118,3 +118,20 @@ def to_half_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+
+
+def adopt_masters(optimizer: Any) -> int:
+    """After a checkpoint saved with ``optimizer_master_weights`` loads into a torch optimizer over
+    fp32 parameters: the module weights in it are the bf16 copies, so each parameter takes its fp32
+    master from the loaded state, which then drops it. Returns how many parameters did."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, MasterWeightAdamW):
+        return 0
+    adopted = 0
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                master = optimizer.state.get(p, {}).pop("master", None)
+                if master is not None and master.shape == p.shape:
+                    p.copy_(master)
+                    adopted += 1
+    return adopted

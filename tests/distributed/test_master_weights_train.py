@@ -29,6 +29,9 @@ def _one_rank(rank: int, world: int, prefix: str, tmp: str) -> dict:
     out["master"] = _guarded(lambda: run_pretrain(master, world).losses)
     out["resume"] = _guarded(lambda: run_pretrain(tiny_flat(prefix, **MASTER, load=f"{tmp}/ckpt/global_step5"),
                                                   world).losses)
+    # the same checkpoint resumed with the key off: fp32 parameters under autocast, masters adopted
+    out["resume_off"] = _guarded(lambda: run_pretrain(tiny_flat(prefix, **AUTOCAST, load=f"{tmp}/ckpt/global_step5"),
+                                                      world).losses)
     return out
 
 
@@ -62,6 +65,11 @@ def test_resume_continues_the_same_losses(runs):
     master, resumed = _ok(runs["single"]["master"]), _ok(runs["single"]["resume"])
     assert len(resumed) == STEPS - 5
     _close(resumed, master[5:], 1e-5)
+
+
+def test_resume_with_the_key_off_continues(runs):
+    master, resumed = _ok(runs["single"]["master"]), _ok(runs["single"]["resume_off"])
+    _close(resumed, master[5:], 2e-3)
 
 
 def test_tensor_parallel_matches_one_rank(runs):

@@ -177,3 +177,23 @@ def test_config_refuses_other_setups_with_one_line(change, key):
 
 def test_bf16_accumulation_can_be_accepted_explicitly():
     _resolve(gradient_accumulation_steps=4, data_types={"grad_accum_dtype": "bf16"})
+
+
+def test_fp32_optimizer_adopts_saved_masters():
+    """Resuming with the key off: the fp32 parameters take the saved masters, not the bf16 weights."""
+    from neox.training.master_weights import adopt_masters
+
+    _, ours = _pair(5)
+    opt = MasterWeightAdamW(_groups(ours), lr=1e-2)
+    for p, g in zip(ours, _grads(0)):
+        p.grad = g.clone()
+    opt.step()
+    masters = [opt.state[p]["master"].clone() for p in ours]
+    fp32 = [torch.nn.Parameter(p.detach().float()) for p in ours]  # what the bf16 module weights load as
+    plain = torch.optim.AdamW(_groups(fp32), lr=1e-2)
+    plain.load_state_dict(opt.state_dict())
+    assert adopt_masters(plain) == len(fp32)
+    for p, m in zip(fp32, masters):
+        assert torch.equal(p.detach(), m)
+        assert "master" not in plain.state[p] and "exp_avg" in plain.state[p]
+    assert adopt_masters(opt) == 0  # the master-weight optimizer keeps its own
