@@ -10,12 +10,10 @@ the optimizer state), and tensor parallel 2 must match one rank.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
-from tests.distributed.launch import run_distributed
-from tests.distributed.test_train_parity import _guarded, _ok, make_corpus, run_pretrain, tiny_flat
+from tests.distributed.test_train_parity import _guarded, _ok, run_groups, run_pretrain, tiny_flat
 
 STEPS = 10
 AUTOCAST = {"precision": "fp32", "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "train_iters": STEPS}
@@ -41,12 +39,7 @@ def _two_ranks(rank: int, world: int, prefix: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("master_weights")
-    os.environ.setdefault("WANDB_MODE", "offline")
-    prefix = make_corpus(tmp)
-    single = run_distributed(_one_rank, 1, prefix, str(tmp), timeout=600)[0]
-    double = run_distributed(_two_ranks, 2, prefix, timeout=600)
-    return {"single": single, "double": double, "tmp": tmp}
+    return run_groups(tmp_path_factory.mktemp("master_weights"), _one_rank, _two_ranks)
 
 
 def _close(a: list[float], b: list[float], tol: float) -> None:

@@ -130,14 +130,19 @@ def _two_rank_group(rank: int, world: int, prefix: str) -> dict[str, list[float]
             for name, over in variants.items()}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train_parity")
+def run_groups(tmp: Path, single_rank: Any, two_ranks: Any) -> dict[str, Any]:
+    """Build the corpus in ``tmp``, run ``single_rank(rank, world, prefix, tmp)`` on 1 rank and
+    ``two_ranks(rank, world, prefix)`` on 2; their results as single (one dict) and double (per rank)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     prefix = make_corpus(tmp)
-    single = run_distributed(_single_rank_group, 1, prefix, str(tmp), timeout=600)[0]
-    double = run_distributed(_two_rank_group, 2, prefix, timeout=600)
+    single = run_distributed(single_rank, 1, prefix, str(tmp), timeout=600)[0]
+    double = run_distributed(two_ranks, 2, prefix, timeout=600)
     return {"tmp": tmp, "single": single, "double": double}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_groups(tmp_path_factory.mktemp("train_parity"), _single_rank_group, _two_rank_group)
 
 
 def _ok(value: Any) -> Any:
