@@ -159,6 +159,8 @@ def master_weights_setup(a: NeoXArgs) -> None:
                                f"needs pipe_parallel_size 0 (got {a.parallel.pipe_parallel_size})"),
         "optimizer": (str((a.optim.optimizer or {}).get("type", "AdamW")).lower() in ("adam", "adamw", "fusedadam"),
                       f"needs optimizer.type Adam or AdamW (got {(a.optim.optimizer or {}).get('type')})"),
+        "fp32_residual_connection": (not a.model.fp32_residual_connection,
+                                     "with bf16 parameters the residual stream is bf16; unset fp32_residual_connection"),
     }
     for key, (ok, why) in needs.items():
         if not ok:

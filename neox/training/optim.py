@@ -60,7 +60,11 @@ def _installed_op(name: str) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.optim.Optimizer:
-    """Adam(W) or SGD over ``param_groups``, the fastest implementation this machine has."""
+    """Adam(W) or SGD over ``param_groups``, the fastest implementation this machine has.
+
+    With ``optimizer_master_weights`` the model's parameters are converted to bf16 here, in place,
+    and the optimizer is ``MasterWeightAdamW``, which keeps their fp32 masters.
+    """
     spec = args.optim.optimizer or {"type": "AdamW", "params": {}}
     kind = str(spec.get("type", "AdamW")).lower()
     params = dict(spec.get("params", {}))

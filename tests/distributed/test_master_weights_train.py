@@ -4,7 +4,7 @@ against the run it replaces, fp32 parameters under bf16 autocast, on CPU ranks.
 Both compute in bf16; they differ only by the first rounding of the initial weights to bf16 and
 by norm-weight gradients rounded to bf16, so the loss curves agree to bf16 tolerance. A resume
 from a checkpoint must continue the uninterrupted curve exactly (the fp32 masters are saved with
-the optimizer state), and tensor parallel 2 must match one rank.
+the optimizer state), and tensor or data parallel 2 must match one rank.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _one_rank(rank: int, world: int, prefix: str, tmp: str) -> dict:
 
 
 def _two_ranks(rank: int, world: int, prefix: str) -> dict:
-    return {"tp2": _guarded(lambda: run_pretrain(tiny_flat(prefix, **MASTER, model_parallel_size=2), world).losses)}
+    layouts = {"tp2": {"model_parallel_size": 2}, "dp2": {"train_micro_batch_size_per_gpu": 2}}
+    return {name: _guarded(lambda over=over: run_pretrain(tiny_flat(prefix, **MASTER, **over), world).losses)
+            for name, over in layouts.items()}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +67,12 @@ def test_resume_with_the_key_off_continues(runs):
     _close(resumed, master[5:], 2e-3)
 
 
-def test_tensor_parallel_matches_one_rank(runs):
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_two_ranks_match_one_rank(runs, layout):
+    """Tensor parallel 2, and data parallel 2 (DeepSpeed's ZeRO-0 all-reduce of bf16 gradients)."""
     master = _ok(runs["single"]["master"])
     for rank in runs["double"]:
-        _close(_ok(rank["tp2"]), master, 5e-3)
+        _close(_ok(rank[layout]), master, 5e-3)
 
 
 def test_checkpoint_holds_bf16_weights_and_fp32_masters(runs):

@@ -167,6 +167,7 @@ def test_config_accepts_the_intended_setup():
     ({"pipe_parallel_size": 1}, "pipe_parallel_size"),
     ({"optimizer": {"type": "SGD", "params": {"lr": 1e-3}}}, "optimizer"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+    ({"fp32_residual_connection": True}, "fp32_residual_connection"),
 ])
 def test_config_refuses_other_setups_with_one_line(change, key):
     with pytest.raises(ConfigError) as err:
