@@ -143,6 +143,11 @@ def one_half_precision(a: NeoXArgs) -> None:
                         f"torch_autocast); with {expected} parameters the residual stream is {expected}")
 
 
+def compile_settings(a: NeoXArgs) -> None:
+    if not 0.0 < a.model.torch_compile_memory_budget <= 1.0:
+        raise key_error("torch_compile_memory_budget", f"expected a share in (0, 1], got {a.model.torch_compile_memory_budget}")
+
+
 def master_weights_setup(a: NeoXArgs) -> None:
     """``optimizer_master_weights`` replaces autocast's fp32 parameters; it needs that setup."""
     if not a.precision.optimizer_master_weights:
@@ -285,6 +290,7 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     dropout_probabilities,
     one_half_precision,
     master_weights_setup,
+    compile_settings,
     mixture_weights_match_paths,
     positive_counts,
     numeric_ranges,

@@ -117,19 +117,38 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     return compile_blocks(GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed), args, device)
 
 
+# Where each compile setting lives in torch (dotted names are nested in that config module).
+_COMPILE_CONFIGS = {"coordinate_descent_tuning": "torch._inductor.config",
+                    "triton.cudagraphs": "torch._inductor.config",
+                    "activation_memory_budget": "torch._functorch.config"}
+
+
 def compile_options(args: NeoXArgs) -> dict[str, Any]:
-    """Inductor settings for this run's compiles (``torch_compile_tuning``)."""
-    return {"coordinate_descent_tuning": True} if args.model.torch_compile_tuning else {}
+    """torch.compile settings for this run's compiles, by their torch names (``torch_compile_tuning``,
+    ``torch_compile_cudagraphs``, ``torch_compile_memory_budget``); PyTorch's defaults are left out."""
+    m = args.model
+    options: dict[str, Any] = {}
+    if m.torch_compile_tuning:
+        options["coordinate_descent_tuning"] = True
+    if m.torch_compile_cudagraphs:
+        options["triton.cudagraphs"] = True
+    if m.torch_compile_memory_budget < 1.0:
+        options["activation_memory_budget"] = float(m.torch_compile_memory_budget)
+    return options
 
 
 def _apply_compile_options(args: NeoXArgs) -> None:
-    # Set on Inductor's process-wide config, as TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 does.
-    # Passed as torch.compile(options=...) it made nothing faster on an H100 (probably only the
-    # forward graphs got it: backward graphs compile later); through the config it gave +1.5-2%.
-    import torch._inductor.config as inductor_config
+    # Set on the process-wide configs, as TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 does. Passed as
+    # torch.compile(options=...) tuning made nothing faster on an H100 (probably only the forward
+    # graphs got it: backward graphs compile later); through the config it gave +1.5-2%.
+    import importlib
 
     for key, value in compile_options(args).items():
-        setattr(inductor_config, key, value)
+        target = importlib.import_module(_COMPILE_CONFIGS[key])
+        *path, name = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value)
 
 
 def compile_blocks(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.nn.Module:

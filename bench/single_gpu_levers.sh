@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 8's levers not yet measured on the device, in one call (~9 min on an H100; no peers: every
+# case is compared with the committed config, run first in the same call):
+#   bash bench/single_gpu_levers.sh $OUT        (ONLY="base cudagraphs" runs just those cases)
+#   base          configs/tinyllama_1b.yml as committed (micro-batch 4)
+#   cudagraphs    + torch_compile_cudagraphs (the compiled graphs replayed as CUDA graphs)
+#   mbs8          micro-batch 8, no activation checkpointing
+#   mbs8_budget   micro-batch 8, torch_compile_memory_budget 0.5 (compiler-chosen selective recompute)
+#   mbs16_budget  micro-batch 16, torch_compile_memory_budget 0.5 (does halving the activations fit 2x?)
+#   mbs8_full_ac  micro-batch 8, checkpoint_activations (every block recomputed)
+# Results: OUT/<case>/bench_results.jsonl (tokens/s, TFLOP/s, ms/step, peak GiB) and OUT/<case>.log.
+set -u
+OUT=${1:-${OUT:-runs/levers}}
+case_() {  # name, seconds, --set overrides...
+  local name=$1 limit=$2; shift 2
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
+  echo "== $name"
+  timeout "$limit" python bench/bench_train.py --config configs/tinyllama_1b.yml --steps 30 --warmup 10 \
+      --log-interval 10 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  pkill -f "$PWD/train.py" 2>/dev/null && sleep 3  # a cut run leaves its rank behind, holding the port
+  grep -A1 '^who' "$OUT/$name.log" || tail -3 "$OUT/$name.log"
+}
+mkdir -p "$OUT"
+case_ base 110
+case_ cudagraphs 130 --set torch_compile_cudagraphs=true
+case_ mbs8 110 --set train_micro_batch_size_per_gpu=8
+case_ mbs8_budget 110 --set train_micro_batch_size_per_gpu=8 --set torch_compile_memory_budget=0.5
+case_ mbs16_budget 110 --set train_micro_batch_size_per_gpu=16 --set torch_compile_memory_budget=0.5
+case_ mbs8_full_ac 110 --set train_micro_batch_size_per_gpu=8 --set checkpoint_activations=true
