@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Issue 8's levers not yet measured on the device, in one call (~9 min on an H100; no peers: every
+# Issue 8's micro-batch and activation-recompute levers, in one call (~8 min on an H100; no peers: every
 # case is compared with the committed config, run first in the same call):
-#   bash bench/single_gpu_levers.sh $OUT        (ONLY="base cudagraphs" runs just those cases)
+#   bash bench/single_gpu_levers.sh $OUT        (ONLY="base mbs8" runs just those cases)
 #   base          configs/tinyllama_1b.yml as committed (micro-batch 4)
-#   cudagraphs    + torch_compile_cudagraphs (the compiled graphs replayed as CUDA graphs)
 #   mbs8          micro-batch 8, no activation checkpointing
 #   mbs8_budget   micro-batch 8, torch_compile_memory_budget 0.5 (compiler-chosen selective recompute)
 #   mbs16_budget  micro-batch 16, torch_compile_memory_budget 0.5 (does halving the activations fit 2x?)
@@ -22,7 +21,6 @@ case_() {  # name, seconds, --set overrides...
 }
 mkdir -p "$OUT"
 case_ base 110
-case_ cudagraphs 130 --set torch_compile_cudagraphs=true
 case_ mbs8 110 --set train_micro_batch_size_per_gpu=8
 case_ mbs8_budget 110 --set train_micro_batch_size_per_gpu=8 --set torch_compile_memory_budget=0.5
 case_ mbs16_budget 110 --set train_micro_batch_size_per_gpu=16 --set torch_compile_memory_budget=0.5

@@ -133,9 +133,6 @@ class ModelConfig:
     torch_compile_memory_budget: float = 1.0
     """neox: with torch_compile, the share (0-1] of the activation memory the compiled blocks keep for backward; below 1, the compiler recomputes the cheapest ops (pointwise first) to stay under it: selective activation checkpointing chosen per op by PyTorch's partitioner (torch._functorch.config.activation_memory_budget). 1.0: PyTorch's default."""
 
-    torch_compile_cudagraphs: bool = False
-    """neox: with torch_compile, replay the compiled graphs as CUDA graphs (Inductor's triton.cudagraphs, what mode="reduce-overhead" sets): fewer kernel launches from the host, at the cost of copying inputs into static buffers."""
-
     fp32_residual_connection: bool = False
     """Keep the residual stream (embedding output and every block's sum) in fp32 under torch_autocast. Off (Megatron's default): it runs in the autocast dtype, as it does with bf16/fp16 parameters, which halves the memory traffic of norms and residual adds. Only meaningful with fp32 parameters (precision fp32)."""
 

@@ -119,19 +119,16 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
 
 # Where each compile setting lives in torch (dotted names are nested in that config module).
 _COMPILE_CONFIGS = {"coordinate_descent_tuning": "torch._inductor.config",
-                    "triton.cudagraphs": "torch._inductor.config",
                     "activation_memory_budget": "torch._functorch.config"}
 
 
 def compile_options(args: NeoXArgs) -> dict[str, Any]:
     """torch.compile settings for this run's compiles, by their torch names (``torch_compile_tuning``,
-    ``torch_compile_cudagraphs``, ``torch_compile_memory_budget``); PyTorch's defaults are left out."""
+    ``torch_compile_memory_budget``); PyTorch's defaults are left out."""
     m = args.model
     options: dict[str, Any] = {}
     if m.torch_compile_tuning:
         options["coordinate_descent_tuning"] = True
-    if m.torch_compile_cudagraphs:
-        options["triton.cudagraphs"] = True
     if m.torch_compile_memory_budget < 1.0:
         options["activation_memory_budget"] = float(m.torch_compile_memory_budget)
     return options

@@ -132,19 +132,16 @@ def test_compile_tuning_option():
     assert compile_options(NeoXArgs.from_flat(flat, world_size=1)) == {}
     tuned = NeoXArgs.from_flat({**flat, "torch_compile_tuning": True}, world_size=1)
     assert compile_options(tuned) == {"coordinate_descent_tuning": True}
-    every = NeoXArgs.from_flat({**flat, "torch_compile_tuning": True, "torch_compile_cudagraphs": True,
-                                "torch_compile_memory_budget": 0.5}, world_size=1)
-    assert compile_options(every) == {"coordinate_descent_tuning": True, "triton.cudagraphs": True,
-                                      "activation_memory_budget": 0.5}
+    every = NeoXArgs.from_flat({**flat, "torch_compile_tuning": True, "torch_compile_memory_budget": 0.5},
+                               world_size=1)
+    assert compile_options(every) == {"coordinate_descent_tuning": True, "activation_memory_budget": 0.5}
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     from neox.training.pretrain import _apply_compile_options
 
     # each option names a real torch setting, and applying them sets it
-    with inductor_config.patch({"coordinate_descent_tuning": False, "triton.cudagraphs": False}), \
-            functorch_config.patch(activation_memory_budget=1.0):
+    with inductor_config.patch(coordinate_descent_tuning=False), functorch_config.patch(activation_memory_budget=1.0):
         _apply_compile_options(every)
         assert inductor_config.coordinate_descent_tuning is True
-        assert inductor_config.triton.cudagraphs is True
         assert functorch_config.activation_memory_budget == 0.5
