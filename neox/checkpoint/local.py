@@ -27,7 +27,6 @@ import torch.distributed as dist
 from neox.checkpoint import manifest as mf
 from neox.checkpoint.rng import get_rng_state, load_rng_state, save_rng_state, set_rng_state
 from neox.errors import CheckpointError
-from neox.training.master_weights import adopt_masters
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +342,6 @@ def _ds_load(engine: Any, load_dir: str, tag: str, **kw: Any) -> dict[str, Any]:
                               f"{str(err)[:200]}); set finetune: true (weights only) or no_load_optim: true") from err
     if path is None:
         raise CheckpointError(f"{os.path.join(load_dir, tag)}: DeepSpeed found no model states file for this rank")
-    adopt_masters(getattr(engine, "optimizer", None))
     return client or {}
 
 

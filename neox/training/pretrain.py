@@ -233,8 +233,11 @@ def _load(engine: Any, args: NeoXArgs, validation_fn: Any) -> TrainState:
     if not args.checkpoint.load:
         return TrainState()
     from neox.checkpoint import load_checkpoint
+    from neox.training.master_weights import adopt_masters
 
-    return load_checkpoint(engine, args, validation_fn=validation_fn) or TrainState()
+    state = load_checkpoint(engine, args, validation_fn=validation_fn) or TrainState()
+    adopt_masters(engine.optimizer)  # a checkpoint saved with optimizer_master_weights, resumed without
+    return state
 
 
 def _iterators(args: NeoXArgs, state: TrainState) -> Any:
