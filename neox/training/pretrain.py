@@ -117,7 +117,7 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     return compile_blocks(GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed), args, device)
 
 
-# Where each compile setting lives in torch (dotted names are nested in that config module).
+# The torch config module each compile setting lives in.
 _COMPILE_CONFIGS = {"coordinate_descent_tuning": "torch._inductor.config",
                     "activation_memory_budget": "torch._functorch.config"}
 
@@ -141,11 +141,7 @@ def _apply_compile_options(args: NeoXArgs) -> None:
     import importlib
 
     for key, value in compile_options(args).items():
-        target = importlib.import_module(_COMPILE_CONFIGS[key])
-        *path, name = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, name, value)
+        setattr(importlib.import_module(_COMPILE_CONFIGS[key]), key, value)
 
 
 def compile_blocks(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.nn.Module:
