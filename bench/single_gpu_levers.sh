@@ -10,18 +10,12 @@
 # Results: OUT/<case>/bench_results.jsonl (tokens/s, TFLOP/s, ms/step, peak GiB) and OUT/<case>.log.
 set -u
 OUT=${1:-${OUT:-runs/levers}}
-case_() {  # name, seconds, --set overrides...
-  local name=$1 limit=$2; shift 2
-  [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
-  echo "== $name"
-  timeout "$limit" python bench/bench_train.py --config configs/tinyllama_1b.yml --steps 30 --warmup 10 \
-      --log-interval 10 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
-  pkill -f "$PWD/train.py" 2>/dev/null && sleep 3  # a cut run leaves its rank behind, holding the port
-  grep -A1 '^who' "$OUT/$name.log" || tail -3 "$OUT/$name.log"
-}
+TINY=(--config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10)
+PEERS=
+source bench/cases.sh
 mkdir -p "$OUT"
-case_ base 110
-case_ mbs8 110 --set train_micro_batch_size_per_gpu=8
-case_ mbs8_budget 110 --set train_micro_batch_size_per_gpu=8 --set torch_compile_memory_budget=0.5
-case_ mbs16_budget 110 --set train_micro_batch_size_per_gpu=16 --set torch_compile_memory_budget=0.5
-case_ mbs8_full_ac 110 --set train_micro_batch_size_per_gpu=8 --set checkpoint_activations=true
+bench_case base 110 "${TINY[@]}"
+bench_case mbs8 110 "${TINY[@]}" --set train_micro_batch_size_per_gpu=8
+bench_case mbs8_budget 110 "${TINY[@]}" --set train_micro_batch_size_per_gpu=8 --set torch_compile_memory_budget=0.5
+bench_case mbs16_budget 110 "${TINY[@]}" --set train_micro_batch_size_per_gpu=16 --set torch_compile_memory_budget=0.5
+bench_case mbs8_full_ac 110 "${TINY[@]}" --set train_micro_batch_size_per_gpu=8 --set checkpoint_activations=true
