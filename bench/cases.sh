@@ -6,6 +6,8 @@ bench_case() {  # name, seconds, bench_train.py arguments...
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
   echo "== $name"
   timeout "$limit" python bench/bench_train.py ${PEERS:+--peers "$PEERS"} --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
-  pkill -f "$PWD/train.py" 2>/dev/null && sleep 3  # a cut run leaves its rank behind, holding the port
+  # A cut run leaves the launcher and its rank behind, holding the rendezvous port; SIGTERM only asks
+  # the rank to stop at its next step boundary (preemption handling), which a compiling rank never reaches.
+  pkill -9 -f "$PWD/(deepy|train)\.py" 2>/dev/null && sleep 3
   grep -A8 '^who' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
 }
