@@ -1,6 +1,6 @@
 """Training throughput through the real entry point, with the peers' figures from the same machine.
 
-    python bench/bench_train.py --config configs/tinyllama_1b.yml --steps 28 --warmup 8 \
+    python bench/bench_train.py --config configs/tinyllama_1b.yml --steps 30 --warmup 10 --log-interval 10 \
         --peers .carry/peers.py --out $OUT
 
 Builds a synthetic mmap dataset (uniform random tokens, seeded) and a word-level tokenizer of the

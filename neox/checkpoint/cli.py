@@ -11,7 +11,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--precision`` values of the converters."""
 
-_TORCH_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_WITH_TORCH_NAMES = {**DTYPES, "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def add_output_args(p: argparse.ArgumentParser, *, output_help: str, reshard: bool = False,
@@ -33,7 +33,7 @@ def add_output_args(p: argparse.ArgumentParser, *, output_help: str, reshard: bo
                        help="tensor-parallel shards to write (default: the config's model_parallel_size)")
         p.add_argument("--pipe_parallel_size", type=int, default=None,
                        help="0: plain mp_rank files; >=1: pipeline layer files (default: the config's)")
-    names = {**DTYPES, **_TORCH_NAMES} if torch_dtype_names else DTYPES
+    names = _WITH_TORCH_NAMES if torch_dtype_names else DTYPES
     p.add_argument("--precision", choices=sorted(names), default=None, help="output dtype (default: as stored)")
 
 
@@ -42,4 +42,4 @@ def output_layout(a: argparse.Namespace, args: Any) -> tuple[int, int, torch.dty
     falling back to the config ``args`` (NeoXArgs) for what was not given."""
     tp = a.num_output_shards or args.parallel.model_parallel_size
     pp = args.parallel.pipe_parallel_size if a.pipe_parallel_size is None else a.pipe_parallel_size
-    return tp, pp, {**DTYPES, **_TORCH_NAMES}.get(a.precision or "")
+    return tp, pp, _WITH_TORCH_NAMES.get(a.precision or "")
