@@ -7,10 +7,11 @@ behaviour are described in docs/checkpoints.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from neox.checkpoint import local
@@ -19,7 +20,7 @@ from neox.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "wait_for_uploads"]
+__all__ = ["save_checkpoint", "load_checkpoint", "wait_for_uploads", "upload_missing", "uploads_finished"]
 
 _UPLOADER_ATTR = "_neox_s3_uploader"
 
@@ -37,6 +38,56 @@ def wait_for_uploads(engine: Any, timeout: float | None = None) -> bool:
     """Wait for queued S3 uploads of this engine's checkpoints; False if ``timeout`` ran out first."""
     up = getattr(engine, _UPLOADER_ATTR, None)
     return True if up is None else up.wait(timeout)
+
+
+def upload_missing(engine: Any, ck: Any) -> int:
+    """Queue every local tag of ``save`` for upload to ``s3_path`` unless the bucket holds all of it
+    (rank 0; a no-op elsewhere or without ``s3_path``); returns how many tags were checked.
+
+    So an upload cut short (a killed run, an outage at the end) completes on the next start.
+    """
+    if not (ck.s3_path and ck.save) or local._rank() != 0:
+        return 0
+    tags = [tag for _, tag in local.list_tags(ck.save)]
+    if tags:
+        up = _uploader(engine, ck)
+        for tag in tags:  # oldest first, so the bucket's latest ends at the newest
+            up.enqueue(ck.save, tag, only_missing=True)
+        log.info("s3_path: checking %d local checkpoint(s) against %s in the background", len(tags), ck.s3_path)
+    return len(tags)
+
+
+def finish_uploads(engine: Any) -> None:
+    """Wait for every queued upload; raise one CheckpointError line naming each tag whose upload
+    failed and the local directory that still holds it."""
+    up = getattr(engine, _UPLOADER_ATTR, None)
+    if up is None:
+        return
+    if up.pending():
+        print(f"neox: waiting for the upload of {', '.join(sorted(up.pending()))} to {up.url}", flush=True)
+    up.wait()
+    failed = [(tag, where, err) for tag, where, err in up.unfinished() if os.path.isdir(where)]
+    if failed:
+        tag, _, err = failed[-1]
+        raise CheckpointError(
+            f"s3_path {up.url}: upload of {tag} failed ({err}); not in the bucket, still only in "
+            f"{', '.join(where for _, where, _ in reversed(failed))}; the next run with this save and s3_path "
+            "uploads what the bucket lacks")
+
+
+@contextlib.contextmanager
+def uploads_finished(engine: Any) -> Iterator[None]:
+    """The body, then every S3 upload it queued: a failed upload raises (see :func:`finish_uploads`)
+    unless the body itself raised, whose error is the one reported then."""
+    try:
+        yield
+    except BaseException:
+        try:
+            finish_uploads(engine)
+        except CheckpointError as err:
+            log.error("%s", err)
+        raise
+    finish_uploads(engine)
 
 
 def save_checkpoint(engine: Any, args: Any, state: Any, iteration: int, *,

@@ -5,7 +5,9 @@ uploads every file of ``{save}/{tag}`` (multipart, ``s3_chunk_size`` parts), the
 ``manifest.json``, then ``{prefix}/latest`` — so a prefix whose ``latest`` names a tag holds all
 of that tag. Transient errors (5xx, throttling, timeouts, dropped connections) are retried by
 botocore's standard retry mode and, above it, by our own loop with exponential backoff; a tag that
-still fails is logged and training goes on.
+still fails is logged and training goes on, and the run's end reports it (``neox.checkpoint``
+waits for every upload there, and a run started with ``s3_path`` first uploads the local tags the
+bucket lacks).
 
 Credentials, region and endpoint come from boto3's standard sources (``AWS_*`` environment
 variables including ``AWS_ENDPOINT_URL``, ``~/.aws`` profiles, instance roles). Nothing here logs
@@ -93,13 +95,15 @@ def _transfer_config(settings: S3Settings) -> Any:
                           max_concurrency=settings.part_workers, use_threads=True)
 
 
-def _is_permanent(err: BaseException) -> bool:
+def _is_permanent(err: BaseException | None) -> bool:
     from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
 
     if isinstance(err, (NoCredentialsError, ParamValidationError)):
         return True
     if isinstance(err, ClientError):
         return err.response.get("Error", {}).get("Code") in _PERMANENT_CODES
+    if type(err).__name__ == "S3UploadFailedError":  # boto3 wraps the ClientError it caught (the context)
+        return _is_permanent(err.__cause__ or err.__context__)
     return False
 
 
@@ -118,34 +122,86 @@ def with_retries(what: str, fn: Callable[[], Any], settings: S3Settings) -> Any:
     raise AssertionError("unreachable")
 
 
-def upload_tag(client: Any, save_dir: str, tag: str, url: str, settings: S3Settings) -> int:
-    """Upload ``{save_dir}/{tag}`` to ``url``, manifest after the files, ``latest`` last; return bytes sent."""
+def _step(tag: str | None) -> int:
+    match = re.match(r"^global_step(\d+)$", tag or "")
+    return int(match.group(1)) if match else -1
+
+
+def points_latest(save_dir: str, tag: str) -> bool:
+    """Whether an uploaded ``tag`` becomes ``{prefix}/latest``: unless the local ``latest`` has moved
+    on to a newer tag (a tag uploaded late, such as an older one completed at start-up, never moves
+    the bucket's ``latest`` back)."""
+    try:
+        with open(os.path.join(save_dir, "latest")) as f:
+            local = f.read().strip()
+    except FileNotFoundError:
+        local = ""
+    return not local or local == tag or _step(local) < _step(tag)
+
+
+def _remote_complete(client: Any, bucket: str, prefix: str, tag_dir: str, tag: str, settings: S3Settings) -> bool:
+    """The bucket already holds every file of ``tag_dir`` with its size, and the same manifest."""
+    tag_prefix = _key(prefix, tag)
+    remote: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=tag_prefix + "/"):
+        remote.update({o["Key"][len(tag_prefix) + 1:]: o["Size"] for o in page.get("Contents", [])})
+    if any(remote.get(rel) != os.path.getsize(os.path.join(tag_dir, rel)) for rel in mf.list_files(tag_dir)):
+        return False
+    manifest = os.path.join(tag_dir, mf.MANIFEST_NAME)
+    if not os.path.isfile(manifest):
+        return True
+    if mf.MANIFEST_NAME not in remote:
+        return False
+    key = _key(tag_prefix, mf.MANIFEST_NAME)
+    body = with_retries(f"s3://{bucket}/{key}", lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(),
+                        settings)
+    with open(manifest, "rb") as f:
+        return body == f.read()
+
+
+def upload_tag(client: Any, save_dir: str, tag: str, url: str, settings: S3Settings, *,
+               only_missing: bool = False) -> int:
+    """Upload ``{save_dir}/{tag}`` to ``url``, manifest after the files, ``latest`` last; return bytes sent.
+
+    ``only_missing``: send nothing when the bucket already holds the whole tag (its ``latest`` is
+    still brought up to date). ``latest`` is written only where :func:`points_latest` says so.
+    """
     bucket, prefix = parse_s3_url(url)
     tag_dir = os.path.join(save_dir, tag)
-    files = mf.list_files(tag_dir)
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"{tag_dir}: no such checkpoint directory (deleted before its upload)")
+    sent = 0
+    if not (only_missing and _remote_complete(client, bucket, prefix, tag_dir, tag, settings)):
+        sent = _put_files(client, tag_dir, bucket, _key(prefix, tag), settings)
+    if points_latest(save_dir, tag):
+        latest_key = _key(prefix, "latest")
+        with_retries(f"s3://{bucket}/{latest_key}",
+                     lambda: client.put_object(Bucket=bucket, Key=latest_key, Body=tag.encode()), settings)
+    return sent
+
+
+def _put_files(client: Any, tag_dir: str, bucket: str, tag_prefix: str, settings: S3Settings) -> int:
+    """Every file of ``tag_dir`` under ``tag_prefix`` (in parallel), then its manifest; bytes sent."""
     transfer = _transfer_config(settings)
 
     def put(rel: str) -> int:
-        path, key = os.path.join(tag_dir, rel), _key(prefix, tag, rel)
+        path, key = os.path.join(tag_dir, rel), _key(tag_prefix, rel)
         with_retries(f"s3://{bucket}/{key}", lambda: client.upload_file(path, bucket, key, Config=transfer),
                      settings)
         return os.path.getsize(path)
 
     with ThreadPoolExecutor(settings.file_workers) as pool:
-        sent = sum(pool.map(put, files))
+        sent = sum(pool.map(put, mf.list_files(tag_dir)))
     if os.path.isfile(os.path.join(tag_dir, mf.MANIFEST_NAME)):
         sent += put(mf.MANIFEST_NAME)
-    latest_key = _key(prefix, "latest")
-    with_retries(f"s3://{bucket}/{latest_key}",
-                 lambda: client.put_object(Bucket=bucket, Key=latest_key, Body=tag.encode()), settings)
     return sent
 
 
 class S3Uploader:
     """Uploads saved tags one after another on a background thread; ``enqueue`` never blocks.
 
-    The thread is not a daemon: a process that exits normally first finishes the uploads it
-    has queued (call :meth:`wait` to bound that).
+    The run must :meth:`wait` before it ends: at interpreter shutdown Python refuses the thread
+    pools an upload uses ("cannot schedule new futures after interpreter shutdown").
     """
 
     def __init__(self, url: str, settings: S3Settings | None = None,
@@ -155,15 +211,17 @@ class S3Uploader:
         self.settings = settings or S3Settings()
         self._client_factory = client_factory
         self._lock = threading.Lock()
-        self._queue: list[tuple[str, str]] = []
+        self._queue: list[tuple[str, str, bool]] = []
         self._active: str | None = None
         self._thread: threading.Thread | None = None
         self.failed: list[str] = []
         self.uploaded: list[str] = []
+        self._outcome: dict[str, tuple[str, str | None]] = {}  # tag -> (save_dir, error of its last attempt)
 
-    def enqueue(self, save_dir: str, tag: str) -> None:
+    def enqueue(self, save_dir: str, tag: str, *, only_missing: bool = False) -> None:
+        """Queue ``{save_dir}/{tag}``; ``only_missing`` skips it when the bucket already holds all of it."""
         with self._lock:
-            self._queue.append((save_dir, tag))
+            self._queue.append((save_dir, tag, only_missing))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="neox-s3-upload", daemon=False)
                 self._thread.start()
@@ -171,7 +229,13 @@ class S3Uploader:
     def pending(self) -> set[str]:
         """Tags queued or uploading (their local directories must not be pruned yet)."""
         with self._lock:
-            return {t for _, t in self._queue} | ({self._active} if self._active else set())
+            return {t for _, t, _ in self._queue} | ({self._active} if self._active else set())
+
+    def unfinished(self) -> list[tuple[str, str, str]]:
+        """``(tag, local directory, error)`` of each tag whose last upload failed, oldest step first."""
+        with self._lock:
+            out = [(tag, os.path.join(d, tag), err) for tag, (d, err) in self._outcome.items() if err]
+        return sorted(out, key=lambda item: _step(item[0]))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the queue is empty; False if ``timeout`` passed first."""
@@ -195,23 +259,28 @@ class S3Uploader:
                 if not self._queue:
                     self._active = None
                     return
-                save_dir, tag = self._queue.pop(0)
+                save_dir, tag, only_missing = self._queue.pop(0)
                 self._active = tag
-            self._upload_one(client, save_dir, tag)
+            self._upload_one(client, save_dir, tag, only_missing)
 
-    def _upload_one(self, client: Any, save_dir: str, tag: str) -> None:
+    def _upload_one(self, client: Any, save_dir: str, tag: str, only_missing: bool) -> None:
         start = time.monotonic()
         try:
-            sent = upload_tag(client, save_dir, tag, self.url, self.settings)
+            sent = upload_tag(client, save_dir, tag, self.url, self.settings, only_missing=only_missing)
         except Exception as err:  # noqa: BLE001 - training continues; the failure is reported
-            self.failed.append(tag)
-            log.error("s3 upload of %s to %s failed after retries: %s: %s", tag, self.url, type(err).__name__,
-                      scrub(str(err)))
+            reason = f"{type(err).__name__}: {scrub(str(err))}"
+            with self._lock:
+                self.failed.append(tag)
+                self._outcome[tag] = (save_dir, reason)
+            log.error("s3 upload of %s to %s failed after retries: %s", tag, self.url, reason)
             return
         secs = max(time.monotonic() - start, 1e-9)
-        self.uploaded.append(tag)
-        log.info("uploaded %s to %s: %.1f MB in %.1fs (%.1f MB/s)", tag, self.url, sent / 1e6, secs,
-                 sent / 1e6 / secs)
+        with self._lock:
+            self.uploaded.append(tag)
+            self._outcome[tag] = (save_dir, None)
+        if sent or not only_missing:
+            log.info("uploaded %s to %s: %.1f MB in %.1fs (%.1f MB/s)", tag, self.url, sent / 1e6, secs,
+                     sent / 1e6 / secs)
 
 
 def _download_file(client: Any, bucket: str, key: str, dest: str, settings: S3Settings) -> int:

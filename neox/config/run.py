@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -75,7 +76,7 @@ class CheckpointConfig:
     """Do not load the RNG state."""
 
     s3_path: str | None = None
-    """s3://bucket/prefix to upload each saved checkpoint to."""
+    """s3://bucket/prefix to upload each saved checkpoint to, in the background. The run waits for its uploads before it ends (exiting non-zero if one failed), and a run started with it first uploads the local checkpoints the bucket lacks."""
 
     s3_chunk_size: int = 104_857_600
     """Multipart upload chunk size in bytes."""
@@ -85,6 +86,17 @@ class CheckpointConfig:
 
     checkpoint_validation_with_forward_pass: bool = False
     """Save a forward pass's logits with the checkpoint and check them after loading."""
+
+
+def inference_load_dir(ck: CheckpointConfig) -> str | None:
+    """The checkpoint folder an inference entry point (generate.py, an evaluation) reads: ``load`` if
+    set, else ``save`` when it holds a checkpoint (a ``latest`` file), else None. Training resumes by
+    the same rule (``neox.training.pretrain.resume_from_save``)."""
+    if ck.load:
+        return ck.load
+    if ck.save and "://" not in ck.save and os.path.isfile(os.path.join(ck.save, "latest")):
+        return ck.save
+    return None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_core import parallel_state
 from neox.config import NeoXArgs
+from neox.config.run import inference_load_dir
 from neox.logging import MetricsLogger
 from neox.training import flops
 from neox.training.eval import fixed_batch_loss_fn
@@ -218,11 +219,13 @@ def resume_from_save(args: NeoXArgs) -> NeoXArgs:
     """``load`` defaults to ``save`` when ``save`` already holds a checkpoint (a ``latest`` file).
 
     So a requeued or restarted job resumes with no edit to its config; an explicit ``load`` wins.
+    The rule is ``inference_load_dir``'s, which generation uses too.
     """
     ckpt = args.checkpoint
-    if ckpt.load or not ckpt.save or "://" in ckpt.save or not os.path.isfile(os.path.join(ckpt.save, "latest")):
+    where = inference_load_dir(ckpt)
+    if ckpt.load or where is None:
         return args
-    return dataclasses.replace(args, checkpoint=dataclasses.replace(ckpt, load=ckpt.save))
+    return dataclasses.replace(args, checkpoint=dataclasses.replace(ckpt, load=where))
 
 
 def _load(engine: Any, args: NeoXArgs, validation_fn: Any) -> TrainState:
@@ -256,6 +259,14 @@ def _save_fn(engine: Any, args: NeoXArgs, validation_fn: Any) -> Any:
     return lambda state, iteration: save_checkpoint(engine, args, state, iteration, validation_fn=validation_fn)
 
 
+def _summary(args: NeoXArgs, state: TrainState, secs: float, iters: int, tokens: int, reason: str | None) -> None:
+    print(f"neox: trained {iters} iterations, {tokens} tokens in {secs:.1f} s "
+          f"({tokens / max(secs, 1e-9):.0f} tokens/s incl. evaluation and checkpoints)", flush=True)
+    if reason:
+        saved = f"checkpoint in {args.checkpoint.save}" if args.checkpoint.save else "no save directory set"
+        print(f"neox: stopped at iteration {state.iteration} ({reason}); {saved}", flush=True)
+
+
 def pretrain(args: NeoXArgs) -> TrainResult:
     """Train the model ``args`` describes; every rank calls this (train.py, or a test's spawned rank)."""
     args, device, tokenizer = _prepare(args)
@@ -283,18 +294,17 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     if rank0:
         print(f"neox: {flops.non_embedding_params(args.model) / 1e6:.2f}M non-embedding parameters, "
               f"{flops.flops_per_token(args.model) / 1e6:.1f} MFLOPs per token, device {device}", flush=True)
-    start_iter, start_tokens, start = state.iteration, state.consumed_tokens, time.perf_counter()
-    try:
-        reason = train(ctx, state, iters.train, iters.valid, iters.test)
-    finally:
-        stop.uninstall()
-        logger.close()
-    if rank0:
-        secs = time.perf_counter() - start
-        tokens = state.consumed_tokens - start_tokens
-        print(f"neox: trained {state.iteration - start_iter} iterations, {tokens} tokens in {secs:.1f} s "
-              f"({tokens / max(secs, 1e-9):.0f} tokens/s incl. evaluation and checkpoints)", flush=True)
-        if reason:
-            saved = f"checkpoint in {args.checkpoint.save}" if args.checkpoint.save else "no save directory set"
-            print(f"neox: stopped at iteration {state.iteration} ({reason}); {saved}", flush=True)
+    from neox.checkpoint import upload_missing, uploads_finished
+
+    with uploads_finished(engine):  # every queued upload is part of the run, the last one included
+        upload_missing(engine, args.checkpoint)  # what a killed run left un-uploaded
+        start_iter, start_tokens, start = state.iteration, state.consumed_tokens, time.perf_counter()
+        try:
+            reason = train(ctx, state, iters.train, iters.valid, iters.test)
+        finally:
+            stop.uninstall()
+            logger.close()
+        if rank0:
+            _summary(args, state, time.perf_counter() - start, state.iteration - start_iter,
+                     state.consumed_tokens - start_tokens, reason)
     return TrainResult(state=state, losses=list(ctx.losses), stop_reason=reason)
