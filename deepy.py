@@ -5,7 +5,8 @@
 
 Resolves the configs (merge, derive, validate) and starts the ranks through DeepSpeed's runner, or
 srun for ``launcher: slurm`` with ``deepspeed_slurm: true``. ``--dry-run`` prints one JSON object
-(the resolved arguments, the DeepSpeed config and the launch command) and launches nothing.
+(the resolved arguments, the DeepSpeed config, the launch command and a warning for each data,
+tokenizer or checkpoint path not found here) and launches nothing.
 """
 
 from __future__ import annotations
@@ -42,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
     args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir)
     if cli.dry_run:
+        from neox.config.validate import input_file_problems
+
+        # a dry run plans runs where the data is not, so missing inputs are warnings, not errors
+        warnings = [str(problem) for problem in input_file_problems(args)]
+        for warning in warnings:
+            print(f"neox: warning: {warning}", file=sys.stderr)
         report = {
             "args": args.to_flat(),
             "deepspeed_config": args.deepspeed_config(),
             "launch_command": build_launch_command(args, cli.user_script),
+            "warnings": warnings,
         }
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0

@@ -237,9 +237,10 @@ def check_launchable(args: NeoXArgs) -> None:
     la = args.launcher
     if la.hostfile and parse_hostfile(la.hostfile) or la.deepspeed_slurm:
         return
-    from neox.config.validate import input_files_exist
+    from neox.config.validate import input_files_exist, precision_runs_here
 
     input_files_exist(args)  # every rank runs here: fail before starting them
+    precision_runs_here(args, detect_local_gpus())
     if la.num_gpus and la.num_gpus > 0:
         return
     gpus = detect_local_gpus()

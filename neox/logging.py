@@ -79,6 +79,15 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def wants_wandb(cfg: LoggingConfig) -> bool:
+    """``use_wandb``; null (GPT-NeoX's default) means on when a W&B key is found, as in GPT-NeoX."""
+    if cfg.use_wandb is None:
+        from neox.launcher import wandb_api_key
+
+        return wandb_api_key(os.environ, cfg.wandb_host) is not None
+    return cfg.use_wandb
+
+
 class MetricsLogger:
     """Writes each record to the console, metrics.jsonl, TensorBoard and W&B (those enabled)."""
 
@@ -90,7 +99,7 @@ class MetricsLogger:
         self.jsonl_path = Path(cfg.log_dir) / "metrics.jsonl" if cfg.log_dir and enabled else None
         self._jsonl_warned = False
         self.tb = self._open_tensorboard() if enabled else None
-        self.wandb = self._open_wandb(run_config or {}) if enabled and cfg.use_wandb else None
+        self.wandb = self._open_wandb(run_config or {}) if enabled and wants_wandb(cfg) else None
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -115,6 +124,7 @@ class MetricsLogger:
         try:
             return wandb.init(
                 project=self.cfg.wandb_project, group=self.cfg.wandb_group, entity=self.cfg.wandb_team,
+                name=self.cfg.wandb_run_name,
                 dir=run_dir, config=scrub_secrets(run_config), reinit="finish_previous",
                 settings=wandb.Settings(base_url=self.cfg.wandb_host, silent=True),
             )

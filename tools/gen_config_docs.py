@@ -46,7 +46,9 @@ Derived values (filled in when left out): `num_kv_heads` (= heads), `max_positio
 
 `python deepy.py [--dry-run] USER_SCRIPT [-d CONF_DIR] CONF [CONF ...]` resolves the files and starts the
 ranks; each rank receives the resolved config on its command line (`--neox_args`, base64 JSON) and never
-reads YAML. `--dry-run` prints `{"args", "deepspeed_config", "launch_command"}` as one JSON object.
+reads YAML. `--dry-run` prints `{"args", "deepspeed_config", "launch_command", "warnings"}` as one JSON
+object and exits 0: each data, tokenizer or checkpoint path not found here (the launch refuses it) is a
+warning, in `warnings` and one line on stderr, since a login node may not see the cluster's files.
 
 - The world size is planned as DeepSpeed's runner will start it: `num_gpus` x `num_nodes`, or the slots
   of a readable `hostfile` (after `include`/`exclude`/`num_nodes`/`num_gpus`), or every visible GPU. On a
@@ -56,6 +58,8 @@ reads YAML. `--dry-run` prints `{"args", "deepspeed_config", "launch_command"}` 
 - A W&B key in `WANDB_API_KEY` or `~/.netrc` reaches the ranks and is never printed.
 - DeepSpeed 0.19 refuses bf16 with `data_types.grad_accum_dtype: fp32` at ZeRO stage 0: such configs run at
   stage 1 and deepy.py says so.
+- fp16 needs a GPU (DeepSpeed's CPU accelerator refuses it): a launch on a machine without GPUs refuses an fp16
+  config in one line; use `precision: fp32` or `bf16: {enabled: true}` there. `--dry-run` still plans it.
 - Errors print one line, `neox: error: <file>: <key>: <message>`, and exit 2; `NEOX_DEBUG=1` shows the traceback.
 """
 
@@ -116,8 +120,9 @@ def compat_tables() -> list[str]:
     lines += [f"| `{k}` | {cell(v)} |" for k, v in sorted(compat.NO_EFFECT.items())]
     lines += ["", "## GPT-NeoX features not implemented", "",
               "Accepted only at their NeoX default; any other value is an error.", "",
-              "| key | NeoX default |", "| --- | --- |"]
-    lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(compat.UNSUPPORTED.items())]
+              "| key | NeoX default | instead |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | `{json.dumps(v)}` | {cell(compat.UNSUPPORTED_HINTS.get(k, ''))} |"
+              for k, v in sorted(compat.UNSUPPORTED.items())]
     lines += ["", "## DeepSpeed keys passed through", "", "Copied into the DeepSpeed config as written.", "",
               "| key | meaning |", "| --- | --- |"]
     lines += [f"| `{k}` | {cell(v)} |" for k, v in sorted(compat.DEEPSPEED_PASSTHROUGH.items())]

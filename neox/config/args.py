@@ -194,9 +194,10 @@ def _split_and_coerce(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
         elif key in compat.UNSUPPORTED:
             default = compat.UNSUPPORTED[key]
             if not compat.is_default(value, default):
+                hint = compat.UNSUPPORTED_HINTS.get(key)
                 raise derive.key_error(
-                    key, f"{value!r} is not supported by neox (this GPT-NeoX feature is accepted only at its default {default!r})"
-                )
+                    key, f"{value!r} is not supported by neox (this GPT-NeoX feature is accepted only at its default "
+                    f"{default!r})" + (f"; {hint}" if hint else ""))
             extra[key] = value
         elif key in keys.compat_keys():
             extra[key] = value

@@ -1,8 +1,11 @@
 """GPT-NeoX keys that neox accepts without implementing them, so real NeoX configs resolve unchanged.
 
 ``NO_EFFECT`` keys (kernel fusions, profiling, legacy flags) are stored in ``args.compat`` and ignored.
-``UNSUPPORTED`` keys name NeoX features neox does not have (MoE, muP, DPO, ...): they are accepted only
-at their NeoX default, so a config that turns one on fails loudly instead of training something else.
+``UNSUPPORTED`` keys name NeoX features neox does not have (MoE, muP, DPO, Comet, bitsandbytes, ...):
+they are accepted only at their NeoX default, so a config that turns one on fails loudly instead of
+training something else. A key belongs in ``NO_EFFECT`` only if a user who sets it expects nothing
+neox would do differently (a kernel choice, a value NeoX itself derives, a setting of an unsupported
+feature that is only read when that feature is on).
 ``DEEPSPEED_PASSTHROUGH`` keys are copied into the DeepSpeed config as written.
 """
 
@@ -24,11 +27,10 @@ NO_EFFECT: dict[str, str] = {
     "mamba_causal_conv_fusion": "Mamba kernel fusion",
     "mamba_inner_func_fusion": "Mamba kernel fusion",
     "use_cpu_initialization": "neox initialises full tensors from the seed on any device",
-    "rotary_save_freqs_buffer": "rotary inverse frequencies are never saved",
+    "fused_kernels_build_path": "neox builds no fused kernels (PyTorch and torch.compile provide them)",
     "scalenorm_epsilon": "scalenorm is not implemented (norm must be layernorm or rmsnorm)",
     "rpe_num_buckets": "relative position embeddings are not implemented",
     "rpe_max_distance": "relative position embeddings are not implemented",
-    "opt_pos_emb_offset": "OPT position offset",
     "gmlp_attn_dim": "gMLP is not implemented",
     "param_sharing_style": "layer sharing is not implemented",
     "mamba_selective_fp32_params": "Mamba is not implemented",
@@ -43,45 +45,33 @@ NO_EFFECT: dict[str, str] = {
     "synchronize_each_layer": "CUDA synchronise around checkpointed layers",
     "deepspeed_activation_checkpointing": "deprecated in NeoX",
     "contiguous_checkpointing": "contiguous activation-checkpoint memory",
-    "checkpoint_in_cpu": "activation checkpoints kept on GPU",
-    "profile_backward": "backward profiling of checkpointed layers",
     # optimizer flags NeoX derives from the DeepSpeed dicts
     "optimizer_type": "derived from optimizer.type",
-    "zero_stage": "derived from zero_optimization.stage",
+    "zero_stage": "derived from zero_optimization.stage (NeoX overwrites it too)",
     "zero_reduce_scatter": "derived from zero_optimization",
     "zero_contiguous_gradients": "derived from zero_optimization",
     "zero_reduce_bucket_size": "derived from zero_optimization",
     "zero_allgather_bucket_size": "derived from zero_optimization",
-    "use_bnb_optimizer": "bitsandbytes optimizers are not used",
+    # NeoX too reads loss scaling from the fp16 dict; these top-level copies are overwritten there
     "hysteresis": "set it in the fp16 dict",
     "dynamic_loss_scale": "set it in the fp16 dict",
     "loss_scale": "set it in the fp16 dict",
     "loss_scale_window": "set it in the fp16 dict",
     "min_scale": "set it in the fp16 dict",
-    "amp": "apex AMP is not used",
-    "scheduler": "neox's own LR schedule (lr_decay_style) is used, not a DeepSpeed scheduler",
-    # logging and profiling NeoX offers that neox does not
+    # settings of features that are unsupported (see UNSUPPORTED): they matter only when the feature is on
     "git_hash": "recorded automatically",
-    "log_grad_pct_zeros": "not logged",
-    "log_optimizer_states": "not logged",
-    "log_gradient_noise_scale": "not logged",
-    "gradient_noise_scale_n_batches": "not logged",
-    "gradient_noise_scale_cpu_offload": "not logged",
-    "use_comet": "Comet is not supported; use W&B or TensorBoard",
-    "comet_workspace": "Comet is not supported",
-    "comet_project": "Comet is not supported",
-    "comet_experiment_name": "Comet is not supported",
-    "comet_tags": "Comet is not supported",
-    "comet_others": "Comet is not supported",
-    "memory_profiling": "not implemented",
-    "memory_profiling_path": "not implemented",
-    "char_level_ppl": "not computed",
+    "gradient_noise_scale_n_batches": "only read with log_gradient_noise_scale (unsupported)",
+    "gradient_noise_scale_cpu_offload": "only read with log_gradient_noise_scale (unsupported)",
+    "comet_workspace": "only read with use_comet (unsupported)",
+    "comet_project": "only read with use_comet (unsupported)",
+    "comet_experiment_name": "only read with use_comet (unsupported)",
+    "comet_tags": "only read with use_comet (unsupported)",
+    "comet_others": "only read with use_comet (unsupported)",
+    "memory_profiling_path": "only read with memory_profiling (unsupported)",
     "eval_results_prefix": "lm-eval-harness is not integrated",
     "eval_tasks": "lm-eval-harness is not integrated",
-    "return_logits": "not implemented",
-    "precompute_model_name": "not implemented",
     # process and runner state NeoX stores on its args object
-    "distributed_backend": "nccl on GPU, gloo on CPU, chosen automatically",
+    "distributed_backend": "nccl on GPU, gloo on CPU, chosen automatically (NeoX configs say nccl and are run on CPU)",
     "local_rank": "set by the launcher",
     "rank": "set by the launcher",
     "global_num_gpus": "derived (world_size)",
@@ -91,29 +81,72 @@ NO_EFFECT: dict[str, str] = {
     "do_valid": "training state",
     "do_test": "training state",
     "config_files": "recorded automatically",
-    "lazy_mpu_init": "not needed",
     "short_seq_prob": "unused in GPT pretraining",
-    "adlr_autoresume": "not supported",
-    "adlr_autoresume_interval": "not supported",
+    "adlr_autoresume_interval": "only read with adlr_autoresume (unsupported)",
     "onnx_safe": "not needed",
     "deepscale": "deprecated in NeoX",
     "deepscale_config": "deprecated in NeoX",
     "deepspeed": "always true",
-    "use_shared_fs": "dataset index files are built on global rank 0",
     "allow_chopped": "only used by NeoX's non-default packing",
-    "load_universal": "universal checkpoints are not read",
-    "force_multi": "multi-node mode follows from the hostfile",
-    "detect_nvlink_pairs": "DeeperSpeed-only runner flag",
-    "autotuning_run": "DeepSpeed autotuning is not run",
     "no_ssh_check": "passed to the DeepSpeed runner only when true",
     "curriculum_seqlen": "curriculum learning is not supported",
-    "tensorboard": "DeepSpeed monitor block; use tensorboard_dir",
-    "wandb": "DeepSpeed monitor block; use use_wandb",
-    "csv_monitor": "DeepSpeed monitor block; neox writes metrics.jsonl",
+}
+
+# Transformer Engine (NeoX's FP8 path), kept together for neox's FP8 work (neox.model.fp8) to take over.
+TRANSFORMER_ENGINE: dict[str, Any] = {
+    "te_columnparallel": False,
+    "te_rowparallel": False,
+    "te_layernorm_mlp": False,
+    "te_mha": False,
+    "te_fp8_format": "hybrid",
+    "te_fp8_wgrad": True,
+    "te_fp8_amax_history_len": 1,
+    "te_fp8_amax_compute_algo": "most_recent",
+    "te_fp8_margin": 0,
+    "te_fp8_mha": False,
 }
 
 # key -> NeoX default; any other value is an error (the feature is not implemented).
 UNSUPPORTED: dict[str, Any] = {
+    **TRANSFORMER_ENGINE,
+    # switches a user turns on expecting something to happen
+    "use_bnb_optimizer": False,
+    "use_comet": None,
+    "comet_experiment": None,
+    "memory_profiling": False,
+    "log_grad_pct_zeros": False,
+    "log_optimizer_states": False,
+    "log_gradient_noise_scale": False,
+    "char_level_ppl": False,
+    "return_logits": False,
+    "precompute_model_name": None,
+    "rotary_save_freqs_buffer": False,
+    "opt_pos_emb_offset": 0,
+    "checkpoint_in_cpu": False,
+    "profile_backward": False,
+    "lazy_mpu_init": False,
+    "adlr_autoresume": False,
+    "use_shared_fs": True,
+    "load_universal": False,
+    "force_multi": False,
+    "detect_nvlink_pairs": False,
+    "autotuning_run": None,
+    "amp": None,
+    "scheduler": None,
+    "tensorboard": None,
+    "wandb": None,
+    "csv_monitor": None,
+    # online / reinforcement learning and weight serving
+    "serve_model_weights": False,
+    "weight_server_port": 6000,
+    "online_dataserver_ips": "localhost",
+    "online_dataserver_ports": 10000,
+    "fp32_reinforce": True,
+    "kl_impl": "mse",
+    "kl_div_beta": 0.1,
+    "reinforce_leave_one_out": False,
+    "moe_router_type": "sinkhorn",
+    "moe_expert_interval": 1,
     "train_epochs": None,
     "use_mup": False,
     "coord_check": False,
@@ -183,6 +216,19 @@ UNSUPPORTED: dict[str, Any] = {
     "compression_training": None,
     "autotuning": None,
     "label_data_paths": None,
+}
+
+# What to use instead, appended to the error for an UNSUPPORTED key set away from its default.
+UNSUPPORTED_HINTS: dict[str, str] = {
+    "use_bnb_optimizer": "neox trains with the optimizer dict's Adam/AdamW; remove use_bnb_optimizer",
+    "use_comet": "log with use_wandb or tensorboard_dir",
+    "memory_profiling": "max_memory_gib in metrics.jsonl is the peak per rank; profile: true traces kernels",
+    "scheduler": "neox schedules the learning rate itself (lr_decay_style, warmup, min_lr)",
+    "tensorboard": "use tensorboard_dir",
+    "wandb": "use use_wandb",
+    "csv_monitor": "neox writes {log_dir}/metrics.jsonl",
+    "load_universal": "load a neox checkpoint (tools/reshard_checkpoint.py changes its layout)",
+    **{k: "neox does not use Transformer Engine" for k in TRANSFORMER_ENGINE},
 }
 
 # Copied into the DeepSpeed config unchanged (DeepSpeed's own keys).

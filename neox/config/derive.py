@@ -85,7 +85,11 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: int)
 
 
 def expand_attention_config(config: Any, num_layers: int) -> list[str]:
-    """NeoX pairs [[types, count], ...] -> one attention type per layer (types repeat cyclically)."""
+    """NeoX pairs [[types, count], ...] -> one attention type per layer (types repeat cyclically).
+
+    As NeoX's ``expand_attention_types``, the count ``"all"`` repeats the pattern over every layer
+    (``[[["global"], "all"]]``); NeoX then ignores any other pair, so here it must be the only one.
+    """
     if not config:
         return ["global"] * num_layers
     if not isinstance(config, (list, tuple)):
@@ -95,10 +99,17 @@ def expand_attention_config(config: Any, num_layers: int) -> list[str]:
     else:
         layers = []
         for item in config:
-            if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], int)):
-                raise key_error("attention_config", f"expected [[types, count], ...] pairs, got {item!r}")
+            count = item[1] if isinstance(item, (list, tuple)) and len(item) == 2 else None
+            if not (isinstance(count, int) or count == "all"):
+                raise key_error("attention_config", f"expected [[types, count], ...] pairs (count an integer or "
+                                f"'all'), got {item!r}")
             types = [item[0]] if isinstance(item[0], str) else list(item[0])
-            for _ in range(item[1]):
+            if count == "all":
+                if len(config) != 1 or not types or num_layers % len(types):
+                    raise key_error("attention_config", f"a count of 'all' needs one pair whose pattern length divides "
+                                    f"num_layers ({num_layers}), got {config!r}")
+                count = num_layers // len(types)
+            for _ in range(count):
                 layers.extend(types)
     if len(layers) != num_layers:
         raise key_error("attention_config", f"describes {len(layers)} layers but num_layers is {num_layers}")

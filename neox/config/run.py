@@ -112,8 +112,8 @@ class LoggingConfig:
     tensorboard_dir: str | None = None
     """Write TensorBoard events here."""
 
-    use_wandb: bool = False
-    """Log to Weights & Biases (key from WANDB_API_KEY or ~/.netrc)."""
+    use_wandb: bool | None = False
+    """Log to Weights & Biases (key from WANDB_API_KEY or ~/.netrc). null (GPT-NeoX's default): log when a key is found."""
 
     wandb_project: str = "neox"
     """W&B project."""
@@ -129,6 +129,12 @@ class LoggingConfig:
 
     wandb_init_all_ranks: bool = False
     """Start a W&B run on every rank, not only rank 0."""
+
+    wandb_run_name: str | None = None
+    """W&B run name (wandb.init's name); None lets W&B choose one."""
+
+    peak_theoretical_tflops: float | None = None
+    """Peak TFLOP/s of one device, the denominator of the logged MFU. None: $NEOX_PEAK_TFLOPS, else the dense bf16 datasheet peak of a known GPU (H100/H200/A100/...), else MFU is not logged."""
 
     wall_clock_breakdown: bool = False
     """Time the forward, backward and optimizer steps (DeepSpeed wall_clock_breakdown)."""

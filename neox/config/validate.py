@@ -6,10 +6,11 @@ Single-field types and enum values are checked earlier, when values are coerced 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from neox.config.derive import key_error
+from neox.errors import ConfigError
 
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
@@ -218,6 +219,8 @@ def numeric_ranges(a: NeoXArgs) -> None:
         ("gradient_clipping", o.gradient_clipping >= 0, "expected a number >= 0 (0: no clipping)"),
         ("max_nan_iterations", a.training.max_nan_iterations >= 0, "expected an integer >= 0 (0: never stop)"),
         ("master_port", 0 < a.launcher.master_port < 65536, "expected a TCP port in [1, 65535]"),
+        ("peak_theoretical_tflops", a.logging.peak_theoretical_tflops is None or a.logging.peak_theoretical_tflops > 0,
+         "expected a positive number of TFLOP/s"),
         ("profile_step_start", not a.logging.profile or a.logging.profile_step_start >= 0,
          "expected an iteration >= 0"),
         ("profile_step_stop", not a.logging.profile or a.logging.profile_step_stop > a.logging.profile_step_start,
@@ -301,9 +304,12 @@ RULES: list[Callable[[NeoXArgs], None]] = [
 ]
 
 
-def input_files_exist(a: NeoXArgs) -> None:
-    """The data and tokenizer files are readable here (not in RULES: a launch node may not see them;
-    deepy.py calls it for local launches and every rank calls it before building anything)."""
+def input_file_problems(a: NeoXArgs) -> Iterator[ConfigError]:
+    """Each data, tokenizer, checkpoint or output path that is not usable here, as a one-line error.
+
+    Not in RULES: a launch node may not see the files. The launch and every rank raise the first one
+    (``input_files_exist``); ``deepy.py --dry-run`` lists them all as warnings.
+    """
     import os
 
     d = a.data
@@ -313,22 +319,29 @@ def input_files_exist(a: NeoXArgs) -> None:
     for key, prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
-            raise key_error(key, f"{missing[0]}: dataset file not found (the path is the prefix without .bin/.idx)")
+            yield key_error(key, f"{missing[0]}: dataset file not found (the path is the prefix without .bin/.idx)")
     for key in ("vocab_file", "merge_file"):
         path = getattr(a.tokenizer, key)
         if path and not os.path.isfile(path):
-            raise key_error(key, f"{path}: file not found")
+            yield key_error(key, f"{path}: file not found")
     ck = a.checkpoint
     # load == save is the resume-after-preemption setup: a first run has nothing there yet
     if ck.load and "://" not in ck.load and not os.path.exists(ck.load) and \
             os.path.abspath(ck.load) != os.path.abspath(ck.save or ""):
-        raise key_error("load", f"{ck.load}: no such checkpoint directory (to resume a run, set load to its save directory)")
+        yield key_error("load", f"{ck.load}: no such checkpoint directory (to resume a run, set load to its save directory)")
     for key, path in (("save", ck.save), ("log_dir", a.logging.log_dir), ("tensorboard_dir", a.logging.tensorboard_dir)):
         if path and "://" not in path:
-            _check_creatable(key, path)
+            yield from _creatable_problems(key, path)
 
 
-def _check_creatable(key: str, path: str) -> None:
+def input_files_exist(a: NeoXArgs) -> None:
+    """Raise the first of ``input_file_problems`` (deepy.py calls it for local launches and every rank
+    calls it before building anything)."""
+    for problem in input_file_problems(a):
+        raise problem
+
+
+def _creatable_problems(key: str, path: str) -> Iterator[ConfigError]:
     """``path`` is a writable directory or can be made one, found out without writing anything."""
     import os
 
@@ -336,9 +349,20 @@ def _check_creatable(key: str, path: str) -> None:
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise key_error(key, f"{path}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise key_error(key, f"{path}: {probe} is not writable")
+        yield key_error(key, f"{path}: {probe} is a file, not a directory")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        yield key_error(key, f"{path}: {probe} is not writable")
+
+
+def precision_runs_here(a: NeoXArgs, gpus: int) -> None:
+    """fp16 needs a GPU: DeepSpeed's CPU accelerator refuses it deep inside initialize with a traceback.
+
+    Not in RULES: ``--dry-run`` on a CPU login node plans GPU runs; the launch (``gpus`` detected
+    here) and each rank (its device) call it.
+    """
+    if gpus == 0 and a.precision.precision == "fp16":
+        raise key_error(("precision", "fp16"), "fp16 needs a GPU and none is visible here; on CPU use "
+                        "precision: fp32 (or bf16: {enabled: true}), or launch where the GPUs are")
 
 
 def validate(args: NeoXArgs) -> None:

@@ -53,8 +53,11 @@ def hardware_flops_per_token(cfg: ModelConfig) -> int:
     return model * 4 // 3 if cfg.checkpoint_activations else model
 
 
-def peak_tflops(device_name: str | None) -> float | None:
-    """Dense bf16 peak per device: ``$NEOX_PEAK_TFLOPS`` if set, else the datasheet table, else None."""
+def peak_tflops(device_name: str | None, configured: float | None = None) -> float | None:
+    """Peak TFLOP/s per device, MFU's denominator: ``configured`` (the ``peak_theoretical_tflops`` key) if
+    set, else ``$NEOX_PEAK_TFLOPS``, else the dense bf16 datasheet table, else None."""
+    if configured:
+        return float(configured)
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
     if not device_name:

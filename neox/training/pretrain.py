@@ -193,10 +193,11 @@ def _device_name(device: torch.device) -> str | None:
 
 
 def _prepare(args: NeoXArgs) -> tuple[NeoXArgs, torch.device, Any]:
-    from neox.config.validate import input_files_exist
+    from neox.config.validate import input_files_exist, precision_runs_here
 
     input_files_exist(args)  # before any process group, model or file is made
     device = init_distributed(args)
+    precision_runs_here(args, 1 if device.type == "cuda" else 0)
     set_seeds(args.training.seed)
     from neox.tokenizer.build import build_tokenizer
 
@@ -284,13 +285,13 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     iters = _iterators(args, state)
     rank0 = dist.get_rank() == 0
     logger = MetricsLogger(args.logging, train_iters=args.training.train_iters,
-                           run_config=args.to_flat() if args.logging.use_wandb else None, enabled=rank0)
+                           run_config=args.to_flat() if args.logging.use_wandb is not False else None, enabled=rank0)
     stop = StopRequests(args.training.kill_switch_path)
     stop.install()
     ctx = TrainContext(args=args, engine=engine, device=device, loss_fn=training_loss_fn(args, device, lm_loss),
                        eod=tokenizer.eod,
                        logger=logger, stop=stop, save_fn=_save_fn(engine, args, validation_fn) if args.checkpoint.save else None,
-                       peak_tflops=flops.peak_tflops(_device_name(device)))
+                       peak_tflops=flops.peak_tflops(_device_name(device), args.logging.peak_theoretical_tflops))
     if rank0:
         print(f"neox: {flops.non_embedding_params(args.model) / 1e6:.2f}M non-embedding parameters, "
               f"{flops.flops_per_token(args.model) / 1e6:.1f} MFLOPs per token, device {device}", flush=True)

@@ -35,7 +35,7 @@ def test_dry_run_prints_one_json_object_and_keeps_secrets(conf, tmp_path):
                     env_extra={"WANDB_API_KEY": "very-secret-key-123"})
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert set(report) == {"args", "deepspeed_config", "launch_command"}
+    assert set(report) == {"args", "deepspeed_config", "launch_command", "warnings"}
     assert report["args"]["num_layers"] == 2 and report["args"]["world_size"] == 2
     assert all("-" not in key for key in report["args"])  # underscored keys
     assert report["deepspeed_config"]["train_batch_size"] == 4
