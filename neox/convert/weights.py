@@ -119,8 +119,8 @@ def _ds_states(module: dict | None, tp: int, iteration: int) -> dict[str, Any]:
             "global_samples": 0, "dp_world_size": 1, "mp_world_size": tp, "iteration": iteration}
 
 
-def _checked(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype | None) -> torch.Tensor:
-    if name in shapes and tuple(t.shape) != shapes[name]:
+def _checked(name: str, t: torch.Tensor, shapes: dict[str, tuple[int | None, ...]], dtype: torch.dtype | None) -> torch.Tensor:
+    if name in shapes and None not in shapes[name] and tuple(t.shape) != shapes[name]:
         raise CheckpointError(f"{name}: shape {tuple(t.shape)} does not match the config's {shapes[name]}")
     return t.to(dtype) if dtype is not None else t
 

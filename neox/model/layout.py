@@ -9,6 +9,7 @@ and cut or join tensors with ``megatron_core.tensor_parallel.utils.shard`` / ``u
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ from neox.model.gpt import GPTModel
 class ParamLayout:
     """One parameter: its full (unsharded) shape and its split (None: replicated)."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
+    """None for the vocabulary rows when the config has no padded_vocab_size yet."""
     split: TensorSplit | None
 
 
@@ -46,18 +48,32 @@ def layout_of(model: nn.Module, tp: int) -> dict[str, ParamLayout]:
     return out
 
 
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""Parameters with ``padded_vocab_size`` rows."""
+
+
 def model_layout(cfg: Any) -> dict[str, ParamLayout]:
     """The layout of GPTModel(cfg), built on the meta device (nothing allocated or initialised).
 
     Built at the tensor-parallel size parallel_state reports (1 outside a job); full shapes and
-    splits do not depend on it.
+    splits do not depend on it. Without ``padded_vocab_size`` (a converter whose config names no
+    tokenizer) the vocabulary rows are None.
     """
+    tp = group_world_size(None)
+    vocab_known = bool(cfg.padded_vocab_size)
+    if not vocab_known:
+        cfg = dataclasses.replace(cfg, padded_vocab_size=tp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # config warnings belong to the run, not to this table
         model = GPTModel(cfg, device=torch.device("meta"))
-    return layout_of(model, group_world_size(None))
+    layout = layout_of(model, tp)
+    if not vocab_known:
+        for name in VOCAB_PARAMS:
+            if name in layout:
+                layout[name] = dataclasses.replace(layout[name], shape=(None, *layout[name].shape[1:]))
+    return layout
 
 
-def full_shapes(layout: dict[str, ParamLayout]) -> dict[str, tuple[int, ...]]:
+def full_shapes(layout: dict[str, ParamLayout]) -> dict[str, tuple[int | None, ...]]:
     """``{name: full shape}`` of a layout."""
     return {name: p.shape for name, p in layout.items()}
