@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from megatron_core.topology import Topology
 
@@ -24,10 +25,9 @@ from megatron_core.topology import Topology
 class _ParallelState:
     topology: Topology | None = None
     rank: int = 0
-    tp_group: Any = None
-    pp_group: Any = None
-    dp_group: Any = None
-    mp_group: Any = None
+    tp_group: ProcessGroup | None = None
+    pp_group: ProcessGroup | None = None
+    dp_group: ProcessGroup | None = None
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
@@ -38,7 +38,7 @@ class _ParallelState:
 _STATE = _ParallelState()
 
 
-def _new_groups(lists: list[list[int]], rank: int) -> tuple[Any, list[int]]:
+def _new_groups(lists: list[list[int]], rank: int) -> tuple[ProcessGroup | None, list[int]]:
     mine, ranks = None, []
     for ranks_ in lists:
         group = dist.new_group(ranks=ranks_)
@@ -55,21 +55,16 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         raise RuntimeError("model parallel groups are already initialised; call destroy_model_parallel first")
     world, rank = dist.get_world_size(), dist.get_rank()
     topo = Topology.from_world(world, tensor_model_parallel_size, pipeline_model_parallel_size)
-    # Creation order is fixed (tp, dp, pp, mp) so every rank issues the same new_group sequence.
+    # Creation order is fixed (tp, dp, pp) so every rank issues the same new_group sequence.
     _STATE.tp_group, _STATE.tp_ranks = _new_groups(topo.tensor_parallel_groups(), rank)
     _STATE.dp_group, _STATE.dp_ranks = _new_groups(topo.data_parallel_groups(), rank)
     _STATE.pp_group, _STATE.pp_ranks = _new_groups(topo.pipeline_parallel_groups(), rank)
-    _STATE.mp_group, _ = _new_groups(topo.model_parallel_groups(), rank)
     _STATE.rank = rank
     _STATE.topology = topo
 
 
 def is_initialized() -> bool:
     return _STATE.topology is not None
-
-
-def model_parallel_is_initialized() -> bool:
-    return is_initialized()
 
 
 def destroy_model_parallel() -> None:
@@ -87,7 +82,7 @@ def _coord():
 
 
 # Tensor (model) parallel.
-def get_tensor_model_parallel_group() -> Any:
+def get_tensor_model_parallel_group() -> ProcessGroup | None:
     return _STATE.tp_group
 
 
@@ -110,7 +105,7 @@ def get_tensor_model_parallel_ranks() -> list[int]:
 
 
 # Pipeline parallel.
-def get_pipeline_model_parallel_group() -> Any:
+def get_pipeline_model_parallel_group() -> ProcessGroup | None:
     return _STATE.pp_group
 
 
@@ -123,16 +118,8 @@ def get_pipeline_model_parallel_rank() -> int:
     return c.pipe if c else 0
 
 
-def is_pipeline_first_stage() -> bool:
-    return get_pipeline_model_parallel_rank() == 0
-
-
-def is_pipeline_last_stage() -> bool:
-    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
-
-
 # Data parallel.
-def get_data_parallel_group() -> Any:
+def get_data_parallel_group() -> ProcessGroup | None:
     return _STATE.dp_group
 
 
@@ -157,8 +144,3 @@ get_model_parallel_src_rank = get_tensor_model_parallel_src_rank
 get_pipe_parallel_group = get_pipeline_model_parallel_group
 get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
 get_pipe_parallel_rank = get_pipeline_model_parallel_rank
-
-
-def get_whole_model_parallel_group() -> Any:
-    """All ranks holding one replica of the model (tensor x pipeline), e.g. for a global grad norm."""
-    return _STATE.mp_group

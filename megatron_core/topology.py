@@ -88,10 +88,3 @@ class Topology:
             sorted(self.rank(p, d, t) for p in range(self.pipeline_parallel_size) for t in range(self.tensor_parallel_size))
             for d in range(self.data_parallel_size)
         ]
-
-    def group_of(self, groups: list[list[int]], rank: int) -> list[int]:
-        """The list among ``groups`` that holds ``rank``."""
-        for g in groups:
-            if rank in g:
-                return g
-        raise ValueError(f"rank {rank} is in none of the groups")

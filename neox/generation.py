@@ -217,19 +217,22 @@ def _share_line(line: str) -> str:
 
 def load_weights(model: torch.nn.Module, load: str, cfg: Any) -> int:
     """Fill this rank's shard of ``model`` from the checkpoint at ``load`` (any TP/PP layout); returns tensors."""
-    from neox.checkpoint import keys
+    from neox.convert import names, weights
+    from neox.model.layout import layout_of
 
-    full = keys.read_full_weights(load, cfg)
+    full = weights.read_full_weights(load, cfg)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
+    layout = layout_of(model, tp)
     state = {}
     for name, mine in model.state_dict().items():
         if name not in full:
             raise CheckpointError(f"{load}: no weights for {name}")
         t = full[name]
-        if keys.tp_kind(name, cfg) == "rows" and name.endswith(("word_embeddings.weight", "output_layer.weight")):
-            t = keys.pad_vocab(t, mine.shape[0] * tp)  # a checkpoint padded for a smaller TP size
-        state[name] = keys.shard_for_rank(name, t, cfg, tp, rank)
+        split = layout[name].split if name in layout else None
+        if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+            t = names.pad_vocab(t, mine.shape[0] * tp)  # a checkpoint padded for a smaller TP size
+        state[name] = weights.shard_for_rank(name, t, split, tp, rank)
         if state[name].shape != mine.shape:
             raise CheckpointError(f"{load}: {name} has shard shape {tuple(state[name].shape)}, "
                                   f"the model expects {tuple(mine.shape)}")

@@ -22,9 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neox.checkpoint import keys  # noqa: E402
-from neox.checkpoint.cli import add_output_args, output_layout  # noqa: E402
+from neox.convert import names, weights  # noqa: E402
+from neox.convert.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import CheckpointError, ConfigError, exit_code_of  # noqa: E402
+from neox.model.attention import num_kv_heads  # noqa: E402
+from neox.model.mlp import is_gated, mlp_has_bias  # noqa: E402
 
 
 class HFWeights(Mapping):
@@ -44,7 +46,7 @@ class HFWeights(Mapping):
                 with safe_open(str(f), framework="pt") as h:
                     self.where.update({k: f for k in h.keys()})  # noqa: SIM118 (safe_open is not a dict)
             else:
-                self._bins[f] = keys.load_tensors(f)
+                self._bins[f] = weights.load_tensors(f)
                 self.where.update({k: f for k in self._bins[f]})
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -87,10 +89,10 @@ def check_hf_config(conf: dict[str, Any], cfg: Any, source: str) -> None:
     if llama and conf.get("head_dim") not in (None, conf["hidden_size"] // nh):
         raise ConfigError(f"{source}: head_dim {conf['head_dim']} != hidden_size / num_attention_heads; not supported")
     actual = {k: getattr(cfg, k) for k in expected if k not in ("num_kv_heads", "use_bias_in_mlp")}
-    actual.update(num_kv_heads=keys.num_kv_heads(cfg), use_bias_in_mlp=keys.mlp_has_bias(cfg))
-    bad = [f"{keys.describe_key(k)}: config.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
+    actual.update(num_kv_heads=num_kv_heads(cfg), use_bias_in_mlp=mlp_has_bias(cfg))
+    bad = [f"{names.describe_key(k)}: config.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (abs(float(actual[k]) - v) > 1e-9 * max(1.0, abs(v)) if isinstance(v, float) else actual[k] != v)]
-    if llama and not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
+    if llama and not (is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
         bad.append(f"mlp_type/activation: LLaMA needs a gated silu MLP, config has {cfg.mlp_type}/{cfg.activation}")
     if bad:
         raise ConfigError(f"{source} disagrees with the config: " + "; ".join(bad))
@@ -105,9 +107,9 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
         raise CheckpointError(f"{conf_path}: missing")
     conf = json.loads(conf_path.read_text())
     check_hf_config(conf, cfg, str(conf_path))
-    family = keys.HF_GPTNEOX if conf.get("model_type") == "gpt_neox" else keys.HF_LLAMA
+    family = names.HF_GPTNEOX if conf.get("model_type") == "gpt_neox" else names.HF_LLAMA
     source = HFWeights(folder)
-    if family is keys.HF_GPTNEOX and "embed_out.weight" not in source and "lm_head.weight" in source:
+    if family is names.HF_GPTNEOX and "embed_out.weight" not in source and "lm_head.weight" in source:
         source.where["embed_out.weight"] = source.where.pop("lm_head.weight")  # transformers >= 5 names
     vocab_rows = source[family.top[0][1][0]].shape[0]
     if cfg.padded_vocab_size is None:
@@ -115,7 +117,7 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
         cfg = dataclasses.replace(cfg, padded_vocab_size=-(-vocab_rows // multiple) * multiple)
     elif cfg.padded_vocab_size < vocab_rows:
         raise ConfigError(f"padded_vocab_size: {cfg.padded_vocab_size} < the {vocab_rows} rows of {folder}")
-    return keys.write_weights(keys.from_family(source, cfg, family), cfg, output_dir, tp, pp, dtype=dtype,
+    return weights.write_weights(names.from_family(source, cfg, family), cfg, output_dir, tp, pp, dtype=dtype,
                               progress=progress)
 
 

@@ -26,15 +26,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neox.checkpoint import keys  # noqa: E402
-from neox.checkpoint.cli import DTYPES  # noqa: E402
+from neox.convert import names, weights  # noqa: E402
+from neox.convert.cli import DTYPES  # noqa: E402
 from neox.errors import ConfigError, NeoXError, exit_code_of  # noqa: E402
+from neox.model.attention import head_dim, num_kv_heads  # noqa: E402
+from neox.model.mlp import is_gated, mlp_has_bias  # noqa: E402
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def is_llama(cfg: Any) -> bool:
-    return cfg.norm == "rmsnorm" and cfg.pos_emb == "rotary" and keys.is_gated(cfg)
+    return cfg.norm == "rmsnorm" and cfg.pos_emb == "rotary" and is_gated(cfg)
 
 
 def llama_config(cfg: Any, vocab_size: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -51,12 +53,12 @@ def llama_config(cfg: Any, vocab_size: int, dtype: torch.dtype) -> dict[str, Any
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": keys.num_kv_heads(cfg), "head_dim": keys.head_dim(cfg), "hidden_act": "silu",
+        "num_key_value_heads": num_kv_heads(cfg), "head_dim": head_dim(cfg), "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings or cfg.seq_length,
         "rms_norm_eps": cfg.rms_norm_epsilon, "rope_theta": theta, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "tie_word_embeddings": not cfg.no_weight_tying, "attention_bias": cfg.use_bias_in_attn_linear,
-        "mlp_bias": keys.mlp_has_bias(cfg), "attention_dropout": 0.0, "initializer_range": cfg.init_method_std,
+        "mlp_bias": mlp_has_bias(cfg), "attention_dropout": 0.0, "initializer_range": cfg.init_method_std,
         "bos_token_id": 1, "eos_token_id": 2, "use_cache": True,
         "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
     }
@@ -64,10 +66,10 @@ def llama_config(cfg: Any, vocab_size: int, dtype: torch.dtype) -> dict[str, Any
 
 def gpt_neox_config(cfg: Any, vocab_size: int, dtype: torch.dtype) -> dict[str, Any]:
     """config.json of GPTNeoXForCausalLM."""
-    if cfg.norm != "layernorm" or keys.is_gated(cfg) or cfg.activation not in ("gelu", "relu"):
+    if cfg.norm != "layernorm" or is_gated(cfg) or cfg.activation not in ("gelu", "relu"):
         raise ConfigError(f"norm/mlp_type/activation: GPTNeoXForCausalLM needs layernorm and a gelu/relu MLP, "
                           f"config has {cfg.norm}/{cfg.mlp_type}/{cfg.activation}")
-    if not (keys.mlp_has_bias(cfg) and cfg.use_bias_in_norms) or cfg.pos_emb != "rotary":
+    if not (mlp_has_bias(cfg) and cfg.use_bias_in_norms) or cfg.pos_emb != "rotary":
         raise ConfigError("use_bias_in_mlp/use_bias_in_norms/pos_emb: GPTNeoXForCausalLM needs MLP and norm biases "
                           "and rotary positions")
     theta, pct = float(cfg.rotary_emb_base), float(cfg.rotary_pct)
@@ -150,12 +152,12 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, *, precisio
     dtype = DTYPES[precision]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full = keys.read_full_weights(input_dir, cfg)
+    full = weights.read_full_weights(input_dir, cfg)
     vocab = vocab_size or cfg.padded_vocab_size or full["embedding.word_embeddings.weight"].shape[0]
-    family = keys.HF_LLAMA if is_llama(cfg) else keys.HF_GPTNEOX
-    conf = llama_config(cfg, vocab, dtype) if family is keys.HF_LLAMA else gpt_neox_config(cfg, vocab, dtype)
+    family = names.HF_LLAMA if is_llama(cfg) else names.HF_GPTNEOX
+    conf = llama_config(cfg, vocab, dtype) if family is names.HF_LLAMA else gpt_neox_config(cfg, vocab, dtype)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    nbytes, nshards = write_safetensors(keys.to_family(full, cfg, family, vocab), out, int(max_shard_gib * 2**30), dtype)
+    nbytes, nshards = write_safetensors(names.to_family(full, cfg, family, vocab), out, int(max_shard_gib * 2**30), dtype)
     write_tokenizer(tokenizer, out, cfg.max_position_embeddings or cfg.seq_length)
     secs = time.perf_counter() - start
     print(f"exported {conf['architectures'][0]}: {nbytes / 2**30:.2f} GiB in {nshards} shard(s), {secs:.1f} s "

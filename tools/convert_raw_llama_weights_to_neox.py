@@ -25,9 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neox.checkpoint import keys  # noqa: E402
-from neox.checkpoint.cli import add_output_args, output_layout  # noqa: E402
+from neox.convert import names, weights  # noqa: E402
+from neox.convert.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import CheckpointError, ConfigError, exit_code_of  # noqa: E402
+from neox.model.attention import num_kv_heads  # noqa: E402
+from neox.model.mlp import is_gated, mlp_has_bias  # noqa: E402
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -70,15 +72,15 @@ def check_params(params: dict[str, Any], cfg: Any, vocab_rows: int, source: str,
         "use_bias_in_mlp": False,
     }
     actual = {k: getattr(cfg, k) for k in expected}
-    actual.update(num_kv_heads=keys.num_kv_heads(cfg), use_bias_in_mlp=keys.mlp_has_bias(cfg))
-    bad = [f"{keys.describe_key(k)}: params.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
+    actual.update(num_kv_heads=num_kv_heads(cfg), use_bias_in_mlp=mlp_has_bias(cfg))
+    bad = [f"{names.describe_key(k)}: params.json implies {v!r}, config has {actual[k]!r}" for k, v in expected.items()
            if (actual[k] != v if not isinstance(v, float) else abs(float(actual[k]) - v) > 1e-12 * max(1.0, abs(v)))]
     theta = params.get("rope_theta", 10000.0)
     if keep_config_rotary_base and abs(float(cfg.rotary_emb_base) - theta) > 1e-12 * max(1.0, theta):
-        bad = [b for b in bad if not b.startswith(keys.describe_key("rotary_emb_base"))]
+        bad = [b for b in bad if not b.startswith(names.describe_key("rotary_emb_base"))]
         print(f"neox: note: {source}: rope_theta {theta:g}, training with the config's rotary_emb_base "
               f"{cfg.rotary_emb_base:g} (--keep_config_rotary_base)", file=sys.stderr)
-    if not (keys.is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
+    if not (is_gated(cfg) and cfg.activation in ("silu", "swish", "swiglu")):
         bad.append(f"mlp_type/activation: LLaMA needs a gated silu MLP, config has {cfg.mlp_type}/{cfg.activation}")
     if cfg.padded_vocab_size is not None and cfg.padded_vocab_size < vocab_rows:
         bad.append(f"padded_vocab_size: {cfg.padded_vocab_size} is smaller than the checkpoint's {vocab_rows} tokens")
@@ -94,11 +96,11 @@ class MetaShards(Mapping):
         if not files:
             raise CheckpointError(f"{input_dir}: no consolidated.NN.pth files")
         self.files = files
-        self.shards = [keys.load_tensors(f) for f in files]
+        self.shards = [weights.load_tensors(f) for f in files]
         self.names = [n for n in self.shards[0] if n != "rope.freqs"]  # LLaMA-1 stores its rotary table
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        dim = keys.meta_shard_dim(name)
+        dim = names.meta_shard_dim(name)
         parts = [s[name] for s in self.shards]
         return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
 
@@ -128,8 +130,8 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
     vocab_rows = meta.shards[0]["output.weight"].shape[0] * len(meta.files)
     check_params(params, cfg, vocab_rows, str(input_dir / "params.json"), keep_config_rotary_base)
     cfg = dataclasses.replace(cfg, padded_vocab_size=padded_vocab(cfg, vocab_rows, tp))
-    full = keys.from_family(meta, cfg, keys.META)
-    return keys.write_weights(full, cfg, output_dir, tp, pp, dtype=dtype, progress=progress)
+    full = names.from_family(meta, cfg, names.META)
+    return weights.write_weights(full, cfg, output_dir, tp, pp, dtype=dtype, progress=progress)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,23 +22,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neox.checkpoint import keys  # noqa: E402
-from neox.checkpoint.cli import add_output_args, output_layout  # noqa: E402
+from neox.convert import names, weights  # noqa: E402
+from neox.convert.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import exit_code_of  # noqa: E402
 
 
 def reshard(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp: int,
             dtype: torch.dtype | None = None, progress: bool = True) -> Path:
     """Rewrite the weights of ``input_dir`` with ``tp`` TP shards in the plain (pp=0) or pipeline layout."""
-    tag_dir = keys.resolve_tag_dir(input_dir)
-    full = keys.read_full_weights(tag_dir, cfg)
+    tag_dir = weights.resolve_tag_dir(input_dir)
+    full = weights.read_full_weights(tag_dir, cfg)
     full, cfg = repad_vocab(full, cfg, tp)
     step = int(tag_dir.name[len("global_step"):]) if tag_dir.name.startswith("global_step") else 0
     optim = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
     if optim and progress:
         print(f"note: {len(optim)} optimizer file(s) in {tag_dir} are not resharded; resume with finetune: true")
-    return keys.write_weights(full, cfg, output_dir, tp, pp, tag=tag_dir.name, dtype=dtype, iteration=step,
-                              progress=progress)
+    return weights.write_weights(full, cfg, output_dir, tp, pp, tag=tag_dir.name, dtype=dtype, iteration=step,
+                                 progress=progress)
 
 
 def repad_vocab(full: Mapping[str, torch.Tensor], cfg: Any, tp: int) -> tuple[Mapping[str, torch.Tensor], Any]:
@@ -50,8 +50,8 @@ def repad_vocab(full: Mapping[str, torch.Tensor], cfg: Any, tp: int) -> tuple[Ma
     if padded == rows:
         return full, cfg
     vocab_names = ("embedding.word_embeddings.weight", "output_layer.weight")
-    makers = {n: (lambda n=n: keys.pad_vocab(full[n], padded) if n in vocab_names else full[n]) for n in full}
-    return keys.LazyWeights(makers), cfg
+    makers = {n: (lambda n=n: names.pad_vocab(full[n], padded) if n in vocab_names else full[n]) for n in full}
+    return names.LazyWeights(makers), cfg
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -6,11 +6,10 @@ tensors (max, then sum of exponentials) plus one for the target logit; computed 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel.utils import group_rank, group_world_size, resolve_group, vocab_range
 
@@ -52,7 +51,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: Any = None) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Per-token loss [b, s] (fp32) from logits [b, s, V/tp] and global targets [b, s].
 
     The returned gradient is in fp32; autograd casts it to the logits' dtype.

@@ -2,7 +2,9 @@
 
 Weights are initialised as the FULL tensor (fp32, CPU, by ``init_method``) and each rank keeps its
 shard, so one seed gives the same full model at any tensor-parallel size. ``device="meta"`` skips
-initialisation (weights to be loaded later).
+initialisation (weights to be loaded later). Each layer declares how its parameters split over
+the ranks (``tensor_splits()``, a ``TensorSplit`` per split parameter; the rest are replicated):
+the initialisation cuts by it, and neox.model.layout reads it for converters and checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -23,11 +26,12 @@ from megatron_core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron_core.tensor_parallel.utils import (
+    TensorSplit,
     divide,
     group_rank,
     group_world_size,
     set_tensor_model_parallel_attributes,
-    shard_rows,
+    shard,
     vocab_range,
 )
 
@@ -39,15 +43,16 @@ def _default_init(t: torch.Tensor) -> None:
 
 
 def _init_shard(
-    param: torch.Tensor, full_shape: tuple[int, ...], init_method: InitMethod | None, rank: int, world: int,
-    dim: int, sections: Sequence[int] | None = None,
+    param: torch.Tensor, full_shape: tuple[int, ...], init_method: InitMethod | None, split: TensorSplit,
+    rank: int, world: int,
 ) -> None:
+    set_tensor_model_parallel_attributes(param, split.dim)
     if param.device.type == "meta":
         return
     full = torch.empty(full_shape, dtype=torch.float32)
     (init_method or _default_init)(full)
     with torch.no_grad():
-        param.copy_(shard_rows(full, rank, world, sections, dim=dim))
+        param.copy_(shard(full, split, rank, world))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -61,7 +66,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = True, gather_output: bool = False,
         init_method: InitMethod | None = None, sections: Sequence[int] | None = None,
-        sequence_parallel: bool = False, seq_dim: int = 1, group: Any = None,
+        sequence_parallel: bool = False, seq_dim: int = 1, group: ProcessGroup | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -70,15 +75,19 @@ class ColumnParallelLinear(nn.Module):
         world, rank = group_world_size(group), group_rank(group)
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = divide(out_features, world, "output features")
+        self.split = TensorSplit(0, tuple(sections) if sections else None)
         kw = dict(device=device, dtype=dtype or torch.float32)
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, **kw))
-        set_tensor_model_parallel_attributes(self.weight, 0)
-        _init_shard(self.weight, (out_features, in_features), init_method, rank, world, 0, sections)
+        _init_shard(self.weight, (out_features, in_features), init_method, self.split, rank, world)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_per_rank, **kw))
-            set_tensor_model_parallel_attributes(self.bias, 0)
+            set_tensor_model_parallel_attributes(self.bias, self.split.dim)
         else:
             self.register_parameter("bias", None)
+
+    def tensor_splits(self) -> dict[str, TensorSplit]:
+        """Weight and bias split by output rows, fused sections each on its own."""
+        return {"weight": self.split} | ({"bias": self.split} if self.bias is not None else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -102,7 +111,7 @@ class RowParallelLinear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = True, input_is_parallel: bool = True,
         init_method: InitMethod | None = None, sequence_parallel: bool = False, seq_dim: int = 1,
-        group: Any = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        group: ProcessGroup | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.group, self.input_is_parallel = group, input_is_parallel
@@ -110,14 +119,18 @@ class RowParallelLinear(nn.Module):
         world, rank = group_world_size(group), group_rank(group)
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = divide(in_features, world, "input features")
+        self.split = TensorSplit(1)
         kw = dict(device=device, dtype=dtype or torch.float32)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, **kw))
-        set_tensor_model_parallel_attributes(self.weight, 1)
-        _init_shard(self.weight, (out_features, in_features), init_method, rank, world, 1)
+        _init_shard(self.weight, (out_features, in_features), init_method, self.split, rank, world)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, **kw))
         else:
             self.register_parameter("bias", None)
+
+    def tensor_splits(self) -> dict[str, TensorSplit]:
+        """Weight split by input columns; the bias (added after the reduction) is replicated."""
+        return {"weight": self.split}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -144,7 +157,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod | None = None,
-        group: Any = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        group: ProcessGroup | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.group = group
@@ -152,10 +165,14 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.vocab_start, self.vocab_end = vocab_range(num_embeddings, rank, world)
         self.world = world
+        self.split = TensorSplit(0)
         kw = dict(device=device, dtype=dtype or torch.float32)
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim, **kw))
-        set_tensor_model_parallel_attributes(self.weight, 0)
-        _init_shard(self.weight, (num_embeddings, embedding_dim), init_method, rank, world, 0)
+        _init_shard(self.weight, (num_embeddings, embedding_dim), init_method, self.split, rank, world)
+
+    def tensor_splits(self) -> dict[str, TensorSplit]:
+        """Rows (the vocabulary) split."""
+        return {"weight": self.split}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

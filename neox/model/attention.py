@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, fork_model_parallel_rng
 from megatron_core.tensor_parallel.utils import group_world_size
@@ -34,6 +35,10 @@ def num_kv_heads(cfg: Any) -> int:
     if cfg.attention_type == "multiquery":
         return 1
     return cfg.num_kv_heads or cfg.num_attention_heads
+
+
+def head_dim(cfg: Any) -> int:
+    return cfg.hidden_size // cfg.num_attention_heads
 
 
 def layer_backend(cfg: Any, layer: int) -> str:
@@ -70,12 +75,12 @@ class Attention(nn.Module):
     """[b, s, h] -> [b, s, h]."""
 
     def __init__(self, cfg: Any, layer: int, prefix: str, init: Any, *, sequence_parallel: bool = False,
-                 group: Any = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 group: ProcessGroup | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         h, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, num_kv_heads(cfg)
         tp = group_world_size(group)
         _check_heads(h, nq, nkv, tp)
-        self.layer, self.head_dim = layer, h // nq
+        self.layer, self.head_dim = layer, head_dim(cfg)
         self.nq, self.nkv = nq // tp, nkv // tp  # per rank
         self.backend = layer_backend(cfg, layer)
         # Decided once here: an import probe inside forward is a torch.compile graph break.

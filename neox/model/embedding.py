@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import (
     VocabParallelEmbedding,
@@ -43,7 +44,7 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, split_across_ranks
 class Embedding(nn.Module):
     """input_ids [b, s] -> hidden [b, s, h] (or [b, s / tp, h] with sequence parallelism)."""
 
-    def __init__(self, cfg: Any, init: Any, *, sequence_parallel: bool = False, group: Any = None,
+    def __init__(self, cfg: Any, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         h = cfg.hidden_size
@@ -53,7 +54,9 @@ class Embedding(nn.Module):
         )
         if cfg.pos_emb == "learned":
             max_pos = cfg.max_position_embeddings or cfg.seq_length
-            self.position_embeddings = nn.Embedding(max_pos, h, device=device, dtype=dtype or torch.float32)
+            # _weight skips nn.Embedding's own normal_ init: it is overwritten below or left on meta.
+            weight = torch.empty(max_pos, h, device=device, dtype=dtype or torch.float32)
+            self.position_embeddings = nn.Embedding(max_pos, h, _weight=weight)
             if self.position_embeddings.weight.device.type != "meta":
                 full = torch.empty(max_pos, h)
                 init("embedding.position_embeddings.weight")(full)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from megatron_core.tensor_parallel import (
@@ -55,7 +56,7 @@ def rotary_for(cfg: Any, position_ids: torch.Tensor) -> tuple[torch.Tensor, torc
     return rotary_cos_sin(position_ids, dim, cfg.rotary_emb_base)
 
 
-def lm_logits(x: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool, group: Any = None) -> torch.Tensor:
+def lm_logits(x: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool, group: ProcessGroup | None = None) -> torch.Tensor:
     """Vocab-parallel logits [b, s, V/tp] with a (tied) embedding weight [V/tp, h]."""
     if sequence_parallel:
         x = gather_from_sequence_parallel_region(x, 1, group, tensor_parallel_output_grad=True)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from neox.errors import ConfigError
@@ -21,6 +22,11 @@ _GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu")
 
 def is_gated(cfg: Any) -> bool:
     return cfg.mlp_type == "llama" or cfg.activation in _GATED_ACTIVATIONS
+
+
+def mlp_has_bias(cfg: Any) -> bool:
+    """NeoX's LLaMA MLP has no biases whatever use_bias_in_mlp says."""
+    return cfg.use_bias_in_mlp and cfg.mlp_type != "llama"
 
 
 def ffn_size(cfg: Any) -> int:
@@ -40,7 +46,7 @@ def ffn_size(cfg: Any) -> int:
 class MLP(nn.Module):
     """[b, s, h] -> [b, s, h]; linear1 column-parallel, linear2 row-parallel."""
 
-    def __init__(self, cfg: Any, prefix: str, init: Any, *, sequence_parallel: bool = False, group: Any = None,
+    def __init__(self, cfg: Any, prefix: str, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if cfg.activation not in _ACT:
@@ -48,8 +54,7 @@ class MLP(nn.Module):
         self.gated = is_gated(cfg)
         self.act = _ACT[cfg.activation]
         ffn, h = ffn_size(cfg), cfg.hidden_size
-        # NeoX's LLaMA MLP has no biases whatever use_bias_in_mlp says.
-        bias = cfg.use_bias_in_mlp and cfg.mlp_type != "llama"
+        bias = mlp_has_bias(cfg)
         kw = dict(sequence_parallel=sequence_parallel, group=group, device=device, dtype=dtype)
         self.linear1 = ColumnParallelLinear(
             h, 2 * ffn if self.gated else ffn, bias=bias, sections=[ffn, ffn] if self.gated else None,

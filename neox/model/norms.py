@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import copy_to_tensor_model_parallel_region
 
@@ -21,7 +22,7 @@ class Norm(nn.Module):
 
     def __init__(
         self, kind: str, hidden_size: int, eps: float, *, bias: bool = True, sequence_parallel: bool = False,
-        group: Any = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        group: ProcessGroup | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.kind, self.eps, self.shape = kind, eps, (hidden_size,)

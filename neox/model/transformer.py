@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel.utils import group_world_size
 from neox.model.attention import Attention
@@ -22,7 +23,7 @@ class TransformerBlock(nn.Module):
     gpt_j:       x = x + attn(input_norm(x)) + mlp(post_attention_norm(x))   (input_norm twice if gpt_j_tied)
     """
 
-    def __init__(self, cfg: Any, layer: int, init: Any, *, sequence_parallel: bool = False, group: Any = None,
+    def __init__(self, cfg: Any, layer: int, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         prefix = f"layers.{layer}."

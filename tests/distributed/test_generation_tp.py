@@ -21,7 +21,8 @@ def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str, tmp: str) -> d
 
     from megatron_core import parallel_state
     from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from neox.checkpoint import keys, local
+    from neox.checkpoint import local
+    from neox.convert import weights
     from neox.generation import SamplingParams, generate_tokens, load_weights
     from neox.model import GPTModel
 
@@ -47,7 +48,7 @@ def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str, tmp: str) -> d
                                            dist_init_required=False)
     local.load(engine, str(ckpt), "global_step0", module_only=True)
     mine = model.state_dict()
-    mine_full = dict(keys.read_full_weights(ckpt, cfg))
+    mine_full = dict(weights.read_full_weights(ckpt, cfg))
     out["deepspeed_load_equal"] = all(torch.equal(t, mine[n]) for n, t in engine.module.state_dict().items())
     parallel_state.destroy_model_parallel()
     out["pipe_load_equal"] = _pipe_load(pipe_ckpt, cfg, mine_full)

@@ -28,12 +28,14 @@ def _gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
 
 
 def _full_state(model, cfg, grads: bool = False) -> dict:
-    from neox.model.sharding import unshard
+    from megatron_core.tensor_parallel.utils import unshard
+    from neox.model.layout import model_layout
 
+    layout = model_layout(cfg)
     out = {}
     for n, p in model.named_parameters():
         t = p.grad if grads else p.detach()
-        out[n] = unshard(cfg, n, _gather(t))
+        out[n] = unshard(_gather(t), layout[n].split)
     return out
 
 

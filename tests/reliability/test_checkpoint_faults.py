@@ -213,15 +213,15 @@ def _gpt_engine():
 
 def test_another_parallel_layout_is_refused_with_the_reshard_command(tmp_path):
     from megatron_core import parallel_state
-    from neox.checkpoint import keys
     from neox.config import NeoXArgs
+    from neox.convert import weights
 
     base, args, engine, full = _gpt_engine()
     try:
         for tp, pp, finetune in [(2, 0, True), (2, 0, False), (1, 1, True)]:
             out = tmp_path / f"tp{tp}pp{pp}"
             if not out.exists():
-                keys.write_weights(full, args.model, out, tp, pp, progress=False)
+                weights.write_weights(full, args.model, out, tp, pp, progress=False)
             load_args = NeoXArgs.from_flat({**base, "load": str(out), "finetune": finetune}, world_size=1)
             with pytest.raises(CheckpointError) as err:
                 load_checkpoint(engine, load_args)
@@ -229,7 +229,7 @@ def test_another_parallel_layout_is_refused_with_the_reshard_command(tmp_path):
             assert "\n" not in msg and f"saved with model_parallel_size {tp}" in msg, msg
             assert "tools/reshard_checkpoint.py --num_output_shards 1 --pipe_parallel_size 0" in msg, msg
         # the same weights in this run's layout load
-        keys.write_weights(full, args.model, tmp_path / "tp1pp0", 1, 0, progress=False)
+        weights.write_weights(full, args.model, tmp_path / "tp1pp0", 1, 0, progress=False)
         ok = NeoXArgs.from_flat({**base, "load": str(tmp_path / "tp1pp0"), "finetune": True}, world_size=1)
         assert load_checkpoint(engine, ok).iteration == 0
         assert all(torch.equal(v, full[k]) for k, v in engine.module.state_dict().items())

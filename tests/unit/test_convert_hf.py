@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from neox.checkpoint import keys
+from megatron_core.tensor_parallel.utils import shard, unshard
+from neox.convert import weights
 from neox.errors import ConfigError
 from neox.generation import load_weights
+from neox.model.layout import full_shapes, model_layout
 from tests.unit.test_convert_meta import VOCAB, model_cfg, tool
 
 
@@ -133,17 +135,18 @@ def test_bf16_export_and_tokenizer_files(tmp_path):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_full_layout_is_tp_independent(gated):
-    from neox.model import sharding  # the model's own implementation of the internals.md table
-
+    # Shards against the model's own: tests/unit/test_layout.py.
     over = {} if gated else {"mlp_type": "regular", "activation": "gelu", "use_bias_in_mlp": True,
                              "use_bias_in_attn_linear": True, "norm": "layernorm", "use_bias_in_norms": True}
     cfg = dataclasses.replace(model_cfg(**over), padded_vocab_size=VOCAB)
     g = torch.Generator().manual_seed(0)
-    full = {n: torch.randn(*s, generator=g) for n, s in keys.expected_shapes(cfg).items()}
+    layout = model_layout(cfg)
+    full = {n: torch.randn(*s, generator=g) for n, s in full_shapes(layout).items()}
     for tp in (1, 2):
         for name, t in full.items():
-            shards = keys.shard_tensor(name, t, cfg, tp)
-            assert [keys.shard_for_rank(name, t, cfg, tp, r).shape for r in range(tp)] == [s.shape for s in shards]
-            assert torch.equal(keys.unshard_tensors(name, shards, cfg), t), (name, tp)
+            split = layout[name].split
+            shards = [shard(t, split, r, tp) for r in range(tp)]
+            assert [weights.shard_for_rank(name, t, split, tp, r).shape for r in range(tp)] == [s.shape for s in shards]
+            assert torch.equal(unshard(shards, split), t), (name, tp)
             for r in range(tp):
-                assert torch.equal(sharding.shard(cfg, name, t, r, tp), shards[r]), (name, tp, r)
+                assert torch.equal(weights.shard_for_rank(name, t, split, tp, r), shards[r]), (name, tp, r)

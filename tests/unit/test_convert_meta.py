@@ -2,7 +2,7 @@
 
 The reference HF state dict is built from the Meta shards exactly as transformers'
 convert_llama_weights_to_hf.py (v4.x) builds it; that formula is copied here on purpose so the test
-does not share code with neox.checkpoint.keys.
+does not share code with neox.convert.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from neox.checkpoint import keys
+from megatron_core.tensor_parallel.utils import shard, unshard
 from neox.config.model import ModelConfig
+from neox.convert import names, weights
 from neox.errors import ConfigError
+from neox.model.layout import full_shapes, model_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
@@ -151,9 +153,9 @@ def test_meta_to_neox_matches_transformers_conversion(meta_dirs, tmp_path, shard
     assert shard0["layers.0.attention.query_key_value.weight"].shape == ((4 + 2 + 2) * 16 // tp, 64)
     assert shard0["embedding.word_embeddings.weight"].shape == (padded // tp, 64)
     cfg_p = dataclasses.replace(cfg, padded_vocab_size=padded)
-    full = keys.read_full_weights(tmp_path / "ckpt", cfg_p)
-    assert set(full) == set(keys.expected_shapes(cfg_p))
-    ours = dict(keys.to_family(full, cfg_p, keys.HF_LLAMA, vocab_size=VOCAB))
+    full = weights.read_full_weights(tmp_path / "ckpt", cfg_p)
+    assert set(full) == set(full_shapes(model_layout(cfg_p)))
+    ours = dict(names.to_family(full, cfg_p, names.HF_LLAMA, vocab_size=VOCAB))
     ref = reference_hf_state_dict(meta_dirs / f"meta{shards}")
     assert set(ours) == set(ref)
     for name, t in ref.items():
@@ -165,16 +167,19 @@ def test_shard_layout_matches_internals():
     cfg = model_cfg()
     d, q, kv = 16, 64, 32
     full = torch.arange((q + 2 * kv) * 2, dtype=torch.float32).reshape(q + 2 * kv, 2)
-    shards = keys.shard_tensor("layers.0.attention.query_key_value.weight", full, cfg, 2)
+    layout = model_layout(cfg)
+    qkv = layout["layers.0.attention.query_key_value.weight"].split
+    shards = [shard(full, qkv, r, 2) for r in range(2)]
     Q, K, V = full[:q], full[q:q + kv], full[q + kv:]
     assert torch.equal(shards[1], torch.cat([Q[2 * d:], K[d:], V[d:]]))
-    assert torch.equal(keys.unshard_tensors("layers.0.attention.query_key_value.weight", shards, cfg), full)
+    assert torch.equal(unshard(shards, qkv), full)
     lin1 = torch.randn(2 * FFN, 3)
-    s = keys.shard_tensor("layers.1.mlp.linear1.weight", lin1, cfg, 2)
+    lin1_split = layout["layers.1.mlp.linear1.weight"].split
+    s = [shard(lin1, lin1_split, r, 2) for r in range(2)]
     assert torch.equal(s[0], torch.cat([lin1[:FFN // 2], lin1[FFN:FFN + FFN // 2]]))
-    assert torch.equal(keys.unshard_tensors("layers.1.mlp.linear1.weight", s, cfg), lin1)
+    assert torch.equal(unshard(s, lin1_split), lin1)
     w = torch.randn(64, 32)
-    assert torch.equal(keys.rotate_half_to_meta(keys.meta_to_rotate_half(w, 4), 4), w)
+    assert torch.equal(names.rotate_half_to_meta(names.meta_to_rotate_half(w, 4), 4), w)
 
 
 def test_params_json_disagreements_are_all_named(meta_dirs, tmp_path):

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from neox.checkpoint import keys
+from neox.convert import weights
+from neox.model.layout import full_shapes, model_layout
 from tests.unit.test_convert_meta import VOCAB, make_meta_checkpoint, model_cfg, reference_hf_state_dict, tool
 
 
@@ -39,12 +40,12 @@ def test_meta_tp2_reshard_tp1_to_hf_is_exact(tp2_ckpt, tmp_path):
 def test_reshard_up_repads_vocab_and_keeps_tag(tmp_path):
     cfg = dataclasses.replace(model_cfg(make_vocab_size_divisible_by=1), padded_vocab_size=VOCAB + 2)
     g = torch.Generator().manual_seed(0)
-    full = {n: torch.randn(*s, generator=g) for n, s in keys.expected_shapes(cfg).items()}
-    keys.write_weights(full, cfg, tmp_path / "a", 1, 0, tag="global_step7", iteration=7, progress=False)
+    full = {n: torch.randn(*s, generator=g) for n, s in full_shapes(model_layout(cfg)).items()}
+    weights.write_weights(full, cfg, tmp_path / "a", 1, 0, tag="global_step7", iteration=7, progress=False)
     (tmp_path / "a" / "global_step7" / "mp_rank_00_optim_states.pt").write_bytes(b"")
     tag = tool("reshard_checkpoint").reshard(tmp_path / "a", cfg, tmp_path / "b", 4, 0, progress=False)
     assert tag.name == "global_step7" and (tmp_path / "b" / "latest").read_text() == "global_step7"
-    back = keys.read_full_weights(tmp_path / "b", dataclasses.replace(cfg, padded_vocab_size=132))
+    back = weights.read_full_weights(tmp_path / "b", dataclasses.replace(cfg, padded_vocab_size=132))
     emb = back["embedding.word_embeddings.weight"]
     assert emb.shape[0] == 132 and torch.equal(emb[:VOCAB + 2], full["embedding.word_embeddings.weight"])
     assert not emb[VOCAB + 2:].any()
@@ -63,6 +64,6 @@ def test_pipeline_layout_round_trip(tp2_ckpt, tmp_path):
     assert any(p.name.startswith("layer_") for p in tag.iterdir())
     assert torch.load(tag / "mp_rank_01_model_states.pt", weights_only=True)["module"] is None
     back = reshard.reshard(tmp_path / "pipe", cfg, tmp_path / "plain", 1, 0, progress=False)
-    a = keys.read_full_weights(tp2_ckpt / "tp2", cfg)
-    b = keys.read_full_weights(back.parent, cfg)
+    a = weights.read_full_weights(tp2_ckpt / "tp2", cfg)
+    b = weights.read_full_weights(back.parent, cfg)
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
