@@ -63,6 +63,9 @@ class ColumnParallelLinear(nn.Module):
     the sequence and is all-gathered first.
     """
 
+    # The local shard matmul, F.linear's contract; FP8 training swaps it per layer (neox/model/fp8.py).
+    linear_fn: Callable[..., torch.Tensor] = staticmethod(F.linear)
+
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = True, gather_output: bool = False,
         init_method: InitMethod | None = None, sections: Sequence[int] | None = None,
@@ -94,7 +97,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.seq_dim, self.group, tensor_parallel_output_grad=True)
         else:
             x = copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = self.linear_fn(x, self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -107,6 +110,9 @@ class RowParallelLinear(nn.Module):
     With ``sequence_parallel`` the sum is a reduce-scatter along the sequence. The bias is added
     after the reduction (replicated); under sequence parallelism its gradient is all-reduced.
     """
+
+    # The local shard matmul, F.linear's contract; FP8 training swaps it per layer (neox/model/fp8.py).
+    linear_fn: Callable[..., torch.Tensor] = staticmethod(F.linear)
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = True, input_is_parallel: bool = True,
@@ -135,7 +141,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight)
+        y = self.linear_fn(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.seq_dim, self.group)
         else:

@@ -11,6 +11,7 @@ feature that is only read when that feature is on).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 NO_EFFECT: dict[str, str] = {
@@ -253,3 +254,48 @@ def is_default(value: Any, default: Any) -> bool:
     if isinstance(value, dict) and value.get("enabled") is False:
         return True
     return value in (None, [], {}) and default in (None, [], {}, False)
+
+
+# The transformer-block linears FP8 can apply to (attribute names inside Attention / MLP).
+BLOCK_LINEARS = ("query_key_value", "dense", "linear1", "linear2")
+_TE_LAYERS = {
+    "te_mha": ("query_key_value", "dense"),
+    "te_layernorm_mlp": ("linear1", "linear2"),
+    "te_columnparallel": ("query_key_value", "linear1"),
+    "te_rowparallel": ("dense", "linear2"),
+}
+_TE_SCALING = {"te_fp8_amax_history_len": 1, "te_fp8_amax_compute_algo": "most_recent", "te_fp8_margin": 0}
+
+
+@dataclass(frozen=True)
+class Fp8Plan:
+    """What FP8 training does: torchao recipe name, which block linears, gradient format, emulation."""
+
+    recipe: str  # torchao recipe: tensorwise | rowwise | rowwise_with_gw_hp
+    linears: tuple[str, ...]
+    grad_dtype: str  # e5m2 | e4m3 (tensorwise only; rowwise is e4m3 throughout)
+    hp_wgrad: bool  # weight-gradient matmul in high precision
+    emulate: bool
+    note: str | None  # one log line when GPT-NeoX's Transformer Engine keys asked for it
+
+
+def fp8_plan(p: Any) -> Fp8Plan | None:
+    """The FP8 setup a PrecisionConfig asks for (fp8_recipe and GPT-NeoX's te_* keys), None for bf16.
+
+    fp8_recipe covers every block linear; without it the te_* layer keys pick theirs, tensorwise.
+    """
+    te_on = [k for k in _TE_LAYERS if getattr(p, k)]
+    if p.fp8_recipe is None and not te_on:
+        return None
+    linears = BLOCK_LINEARS if p.fp8_recipe else tuple(n for n in BLOCK_LINEARS if any(n in _TE_LAYERS[k] for k in te_on))
+    recipe = p.fp8_recipe or "tensorwise"
+    if not p.te_fp8_wgrad:
+        recipe = "rowwise_with_gw_hp" if recipe == "rowwise" else recipe
+    note = None
+    changed = [k for k, default in _TE_SCALING.items() if getattr(p, k) != default]
+    if te_on or changed:
+        note = (f"FP8 {recipe} for {', '.join(linears)} via torchao ({', '.join(te_on + changed) or 'fp8_recipe'}): "
+                "Transformer Engine's delayed scaling (te_fp8_amax_history_len, te_fp8_amax_compute_algo, "
+                "te_fp8_margin) is not used; neox scales each tensor dynamically from its current amax")
+    grad = "e4m3" if p.te_fp8_format == "e4m3" or recipe != "tensorwise" else "e5m2"
+    return Fp8Plan(recipe, linears, grad, not p.te_fp8_wgrad, p.fp8_emulate, note)

@@ -88,3 +88,39 @@ class PrecisionConfig:
 
     optimizer_master_weights: bool = False
     """neox: with precision fp32 and torch_autocast in bf16 (ZeRO stage 0, no pipeline engine, Adam), the model holds bf16 parameters and the optimizer their fp32 master weights, updated and written back in one compiled pass: no per-step weight casts or fp32 gradient copies (measured on an H100: docs/performance.md). Gradients are bf16, so gradient_accumulation_steps > 1 also needs data_types.grad_accum_dtype bf16."""
+
+    fp8_recipe: Literal["tensorwise", "rowwise"] | None = None
+    """neox: train the transformer-block linears (attention query_key_value and dense, MLP linear1 and linear2; not the embedding or the output layer) in FP8 with torchao's float8 training: 'tensorwise' (one dynamic scale per tensor, e4m3 forward, e5m2 gradients) or 'rowwise' (dynamic scales per row, e4m3 throughout, power-of-two scales). Each tensor-parallel rank runs its shard's matmul in FP8; the collectives, parameters, optimizer and checkpoints stay as without it. Needs a GPU with FP8 tensor cores (compute capability 8.9+: H100, H200, L40S) and torchao. None: no FP8 (the te_* keys can still turn it on)."""
+
+    fp8_emulate: bool = False
+    """neox, for tests only: run FP8 through torchao's emulation (float8 rounding, fp32 matmuls), which works on CPU and any GPU; slow."""
+
+    te_columnparallel: bool = False
+    """GPT-NeoX Transformer Engine key: true trains the block's column-parallel linears (attention query_key_value, MLP linear1) in FP8 through torchao (recipe: fp8_recipe, else tensorwise). The output layer stays in bf16."""
+
+    te_rowparallel: bool = False
+    """GPT-NeoX Transformer Engine key: true trains the block's row-parallel linears (attention dense, MLP linear2) in FP8 through torchao (recipe: fp8_recipe, else tensorwise)."""
+
+    te_layernorm_mlp: bool = False
+    """GPT-NeoX Transformer Engine key: true trains the MLP's linear1 and linear2 in FP8 through torchao (recipe: fp8_recipe, else tensorwise); the norm stays neox's."""
+
+    te_mha: bool = False
+    """GPT-NeoX Transformer Engine key: true trains the attention's query_key_value and dense in FP8 through torchao (recipe: fp8_recipe, else tensorwise); attention itself stays bf16 (SDPA / flash)."""
+
+    te_fp8_format: Literal["e4m3", "hybrid"] = "hybrid"
+    """GPT-NeoX Transformer Engine key: FP8 format of the tensorwise recipe: 'hybrid' (e4m3 forward, e5m2 gradients) or 'e4m3' (e4m3 gradients too). The rowwise recipe is e4m3 throughout."""
+
+    te_fp8_wgrad: bool = True
+    """GPT-NeoX Transformer Engine key: false computes the weight gradients in high precision (tensorwise: the wgrad matmul in bf16; rowwise: torchao's rowwise_with_gw_hp recipe)."""
+
+    te_fp8_amax_history_len: int = 1
+    """GPT-NeoX Transformer Engine key, accepted: Transformer Engine's delayed scaling keeps an amax history; neox scales dynamically from the current tensor (what history length 1 with most_recent gives), and the log says so."""
+
+    te_fp8_amax_compute_algo: Literal["max", "most_recent"] = "most_recent"
+    """GPT-NeoX Transformer Engine key, accepted: 'max' or 'most_recent' over the amax history; neox scales dynamically from the current tensor, and the log says so."""
+
+    te_fp8_margin: int = 0
+    """GPT-NeoX Transformer Engine key, accepted: Transformer Engine's scaling margin; neox's dynamic scales use the full FP8 range, and the log says so."""
+
+    te_fp8_mha: bool = False
+    """GPT-NeoX Transformer Engine key: FP8 attention (the softmax(QK^T)V kernel) is not implemented; only false is accepted."""

@@ -276,6 +276,18 @@ def known_launcher(a: NeoXArgs) -> None:
         raise key_error("launcher", f"{a.launcher.launcher!r} is not one of {LAUNCHERS}")
 
 
+def fp8_settings(a: NeoXArgs) -> None:
+    """GPT-NeoX's Transformer Engine keys neox maps onto torchao FP8; what it cannot do is an error."""
+    p = a.precision
+    if p.te_fp8_mha:
+        raise key_error("te_fp8_mha", "FP8 attention is not implemented (the block linears can be FP8: te_mha, "
+                        "te_layernorm_mlp or fp8_recipe); set it to false")
+    if p.te_fp8_amax_history_len < 1:
+        raise key_error("te_fp8_amax_history_len", f"expected a positive integer, got {p.te_fp8_amax_history_len}")
+    if p.te_fp8_margin < 0:
+        raise key_error("te_fp8_margin", f"expected an integer >= 0, got {p.te_fp8_margin}")
+
+
 RULES: list[Callable[[NeoXArgs], None]] = [
     required_shape,
     parallel_sizes_positive,
@@ -294,6 +306,7 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     one_half_precision,
     master_weights_setup,
     compile_settings,
+    fp8_settings,
     mixture_weights_match_paths,
     positive_counts,
     numeric_ranges,

@@ -102,20 +102,26 @@ def set_seeds(seed: int) -> None:
 
 
 def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
-    """GPTModel for pipe_parallel_size 0, else a GPTModelPipe (a DeepSpeed PipelineModule)."""
+    """GPTModel for pipe_parallel_size 0, else a GPTModelPipe (a DeepSpeed PipelineModule); FP8 block
+    linears when the precision section asks for them, then per-block compile."""
+    from neox.model.fp8 import convert_block_linears
+
     seed, sp = args.training.seed, args.parallel.sequence_parallel
     if args.parallel.pipe_parallel_size == 0:
         from neox.model import GPTModel
 
-        return compile_blocks(GPTModel(args.model, sequence_parallel=sp, seed=seed, device=device), args, device)
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        model = GPTModel(args.model, sequence_parallel=sp, seed=seed, device=device)
+    else:
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from neox.model.pipe import GPTModelPipe
+        from neox.model.pipe import GPTModelPipe
 
-    topo = PipeModelDataParallelTopology(num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                                         num_mp=parallel_state.get_tensor_model_parallel_world_size(),
-                                         num_dp=parallel_state.get_data_parallel_world_size())
-    return compile_blocks(GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed), args, device)
+        topo = PipeModelDataParallelTopology(num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                                             num_mp=parallel_state.get_tensor_model_parallel_world_size(),
+                                             num_dp=parallel_state.get_data_parallel_world_size())
+        model = GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed)
+    convert_block_linears(model, args.precision, device)
+    return compile_blocks(model, args, device)
 
 
 # The torch config module each compile setting lives in.

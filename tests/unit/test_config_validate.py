@@ -73,6 +73,7 @@ RULE_CASES = [
     ("one_half_precision", dict(fp16={"enabled": True}, bf16={"enabled": True}), "fp16 and bf16 are both enabled"),
     ("master_weights_setup", dict(optimizer_master_weights=True), "needs torch_autocast"),
     ("compile_settings", dict(torch_compile_memory_budget=0.0), "expected a share in (0, 1]"),
+    ("fp8_settings", dict(te_fp8_mha=True), "FP8 attention is not implemented"),
     ("mixture_weights_match_paths", dict(train_data_paths=["a", "b"], train_data_weights=[1.0]), "1 weights for 2 train_data_paths"),
     ("positive_counts", dict(log_interval=0), "log_interval: expected a positive integer"),
     ("numeric_ranges", dict(optimizer={"type": "Adam", "params": {"lr": 1e-3}}, min_lr=0.1), "min_lr: expected 0 <= min_lr <= lr"),
