@@ -59,12 +59,39 @@ def init_distributed(args: NeoXArgs) -> torch.device:
         atexit.register(shutdown)  # released before interpreter teardown, see shutdown()
     import deepspeed
 
+    if not use_cuda:
+        use_cpu_accelerator_without_shm_op()
     # PipelineModule asks deepspeed.comm for ranks before deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     if not parallel_state.is_initialized():
         parallel_state.initialize_model_parallel(args.parallel.model_parallel_size,
                                                  max(args.parallel.pipe_parallel_size, 1))
     return device
+
+
+def use_cpu_accelerator_without_shm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    DeepSpeed 0.19's comm backend (TorchBackend) loads that op whenever the CPU accelerator offers it:
+    a JIT compile of about 75 s on a machine's first CPU run (needing a C++ compiler and ninja at run
+    time), then a 69 MB /dev/shm buffer per rank. The op serves only ``inference_all_reduce``
+    (DeepSpeed inference's tensor-parallel layers), which neox never calls: its collectives are
+    torch.distributed's. DeepSpeed asks the accelerator for the op's builder; this one has none.
+    """
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    current = get_accelerator()
+    if type(current) is not CPU_Accelerator:  # another accelerator, or already this one
+        return
+
+    class CPUAcceleratorWithoutShmOp(CPU_Accelerator):
+        def create_op_builder(self, op_name: str) -> Any:
+            return None if op_name == "ShareMemCommBuilder" else super().create_op_builder(op_name)
+
+    replacement = CPUAcceleratorWithoutShmOp()
+    replacement.max_mem = current.max_mem  # the peak-memory baseline DeepSpeed took at start
+    set_accelerator(replacement)
 
 
 def shutdown() -> None:
