@@ -93,23 +93,8 @@ NO_EFFECT: dict[str, str] = {
     "curriculum_seqlen": "curriculum learning is not supported",
 }
 
-# Transformer Engine (NeoX's FP8 path), kept together for neox's FP8 work (neox.model.fp8) to take over.
-TRANSFORMER_ENGINE: dict[str, Any] = {
-    "te_columnparallel": False,
-    "te_rowparallel": False,
-    "te_layernorm_mlp": False,
-    "te_mha": False,
-    "te_fp8_format": "hybrid",
-    "te_fp8_wgrad": True,
-    "te_fp8_amax_history_len": 1,
-    "te_fp8_amax_compute_algo": "most_recent",
-    "te_fp8_margin": 0,
-    "te_fp8_mha": False,
-}
-
 # key -> NeoX default; any other value is an error (the feature is not implemented).
 UNSUPPORTED: dict[str, Any] = {
-    **TRANSFORMER_ENGINE,
     # switches a user turns on expecting something to happen
     "use_bnb_optimizer": False,
     "use_comet": None,
@@ -229,7 +214,6 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "wandb": "use use_wandb",
     "csv_monitor": "neox writes {log_dir}/metrics.jsonl",
     "load_universal": "load a neox checkpoint (tools/reshard_checkpoint.py changes its layout)",
-    **{k: "neox does not use Transformer Engine" for k in TRANSFORMER_ENGINE},
 }
 
 # Copied into the DeepSpeed config unchanged (DeepSpeed's own keys).

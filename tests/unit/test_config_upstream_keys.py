@@ -45,13 +45,13 @@ def test_every_upstream_field_resolves_at_its_default():
     # GPT-NeoX lists two legacy aliases beside their keys; one file cannot set both spellings
     aliases = {k: defaults.pop(k) for k in list(defaults) if keys.canonical(k) != k and keys.canonical(k) in defaults}
     args = NeoXArgs.from_flat({**defaults, **SHAPE}, world_size=1)
-    assert args.logging.wandb_run_name is None and args.compat["te_fp8_format"] == "hybrid"
+    assert args.logging.wandb_run_name is None and args.precision.te_fp8_format == "hybrid" and args.precision.fp8_recipe is None
     assert args.training.gradient_accumulation_steps == 1 and args.precision.precision == "fp32"
     NeoXArgs.from_flat({**aliases, **SHAPE}, world_size=1)
 
 
 @pytest.mark.parametrize("key,value", [
-    ("te_fp8_mha", True), ("te_fp8_format", "e4m3"), ("moe_router_type", "topk"), ("kl_impl", "full"),
+    ("moe_router_type", "topk"), ("kl_impl", "full"),
     ("serve_model_weights", True), ("online_dataserver_ips", "10.0.0.1"),
     ("use_bnb_optimizer", True), ("use_comet", True), ("memory_profiling", True), ("scheduler", {"type": "x"}),
     ("checkpoint_in_cpu", True), ("log_gradient_noise_scale", True), ("use_shared_fs", False),
@@ -63,10 +63,16 @@ def test_a_switch_neox_lacks_is_a_one_line_error_naming_the_key(key, value):
     assert "\n" not in msg and msg.split(": ")[1] == key and "not supported" in msg
 
 
-def test_transformer_engine_keys_are_grouped_for_the_fp8_work():
+def test_transformer_engine_keys_are_typed_fp8_fields_with_upstream_defaults():
+    """The ten te_* keys drive neox's FP8 (neox.model.fp8): typed PrecisionConfig fields whose defaults are
+    upstream's, so an upstream config that leaves them alone resolves to bf16."""
+    from neox.config.optim import PrecisionConfig
+
     te = {k: v for k, v in upstream_defaults().items() if k.startswith("te_")}
-    assert compat.TRANSFORMER_ENGINE == te and len(te) == 10
-    assert all(compat.UNSUPPORTED[k] == v for k, v in te.items())
+    assert len(te) == 10
+    fields = PrecisionConfig.__dataclass_fields__
+    assert all(fields[k].default == v for k, v in te.items())
+    assert not set(te) & (set(compat.UNSUPPORTED) | set(compat.NO_EFFECT))
 
 
 def test_no_effect_keys_are_not_switches():
