@@ -17,12 +17,13 @@ from neox.errors import ConfigError, exit_code_of
 
 
 def checkpoint_to_load(ckpt: Any) -> str:
-    """``load``, else ``save`` when it holds a checkpoint (a ``latest`` file); a one-line error otherwise."""
-    if ckpt.load:
-        return ckpt.load
-    if ckpt.save and os.path.isfile(os.path.join(ckpt.save, "latest")):
-        return ckpt.save
-    raise ConfigError("load: eval.py needs a checkpoint: set load, or save to a folder holding one (a latest file)")
+    """``load``, else the latest checkpoint under ``save`` (neox.config.run.inference_load_dir's rule)."""
+    from neox.config.run import inference_load_dir
+
+    where = inference_load_dir(ckpt)
+    if where is None:
+        raise ConfigError("load: eval.py needs a checkpoint: set load, or save to a folder holding one (a latest file)")
+    return where
 
 
 def _dtype(args: Any, device: Any) -> Any:
