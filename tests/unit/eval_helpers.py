@@ -73,14 +73,18 @@ def make_checkpoints(root: Path) -> tuple[str, str]:
     return str(root / "ckpt"), str(root / "hf")
 
 
-def hf_reference(hf_dir: str, tasks_dir: str, tasks: list[str], **kw: Any) -> dict[str, Any]:
-    """The same tasks through the harness's own HF backend (``hf``, pretrained=<export>), CPU fp32."""
+def evaluate(lm: Any, tasks_dir: str, tasks: list[str] = TASKS, **kw: Any) -> dict[str, Any] | None:
+    """``simple_evaluate`` of the fixture tasks on a harness LM (NeoXLM or the HF backend's HFLM)."""
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=tasks,
-                           batch_size=kw.pop("batch_size", 4), device="cpu", bootstrap_iters=0, log_samples=True,
+    return simple_evaluate(model=lm, tasks=tasks, batch_size=4, bootstrap_iters=0, log_samples=True,
                            task_manager=TaskManager(include_path=tasks_dir), **kw)
+
+
+def per_request(res: dict[str, Any], task: str) -> list[tuple[Any, Any]]:
+    """(arguments, responses) of each request of a task's samples, in document order."""
+    return [(s["arguments"], s["resps"]) for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
 
 
 def neox_lm(ckpt: str, **over: Any) -> Any:
@@ -91,7 +95,8 @@ def neox_lm(ckpt: str, **over: Any) -> Any:
     from neox.model import GPTModel
     from neox.tokenizer.build import build_tokenizer
 
-    args = NeoXArgs.from_flat(model_flat(**over), world_size=over.get("world_size_hint", 1))
+    world = over.pop("world_size", 1)
+    args = NeoXArgs.from_flat(model_flat(**over), world_size=world)
     model = GPTModel(args.model).eval()
     load_weights(model, ckpt, args.model)
     return NeoXLM(model, build_tokenizer(args.tokenizer), batch_size=args.eval.eval_batch_size), args

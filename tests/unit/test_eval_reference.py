@@ -17,14 +17,6 @@ from tests.unit import eval_helpers as H  # noqa: E402
 TOL = 1e-4
 
 
-def _evaluate(lm, tasks_dir: str, **kw):
-    from lm_eval.evaluator import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    return simple_evaluate(model=lm, tasks=H.TASKS, batch_size=4, bootstrap_iters=0, log_samples=True,
-                           task_manager=TaskManager(include_path=tasks_dir), **kw)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from lm_eval.models.huggingface import HFLM
@@ -35,7 +27,7 @@ def world(tmp_path_factory):
     tasks = H.task_dir(root)
     hf = HFLM(pretrained=hf_dir, dtype="float32", device="cpu", batch_size=4)
     neox, _ = H.neox_lm(ckpt)
-    return {"ckpt": ckpt, "hf": hf, "neox": neox, "hf_res": _evaluate(hf, tasks), "neox_res": _evaluate(neox, tasks)}
+    return {"ckpt": ckpt, "hf": hf, "neox": neox, "hf_res": H.evaluate(hf, tasks), "neox_res": H.evaluate(neox, tasks)}
 
 
 def _by_doc(res, task):
