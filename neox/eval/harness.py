@@ -95,11 +95,12 @@ def table(results: dict[str, Any]) -> str:
 
 
 def metric_record(results: dict[str, Any]) -> dict[str, float]:
-    """{"<task>/<metric>": value} of every numeric metric (``/<filter>`` added unless the filter is 'none')."""
+    """{"<task>/<metric>": value} of every numeric metric and stderr (``/<filter>`` added unless the filter is
+    'none'); the document count is left out."""
     rec: dict[str, float] = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _, flt = key.partition(",")
             rec[f"{task}/{metric}" + (f"/{flt}" if flt and flt != "none" else "")] = float(value)
