@@ -142,18 +142,18 @@ def _tp_matmul() -> Any:
 def fp8_linear_fn(plan: Fp8Plan, kind: str | None = None, group: Any = None) -> LinearFn:
     """``linear(x, weight, bias=None)`` with F.linear's contract whose matmul is torchao's float8 one.
 
-    ``kind`` ("column" / "row") and ``group`` (the layer's tensor-parallel group): with more than
-    one rank, the casts of split tensors take their amax over the group (see SHARDED).
+    ``kind`` ("column" / "row") and ``group`` (the layer's tensor-parallel group, None: parallel_state's):
+    with more than one rank, the casts of split tensors take their amax over the group (see SHARDED).
     """
     _torchao()
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
-    from megatron_core.tensor_parallel.utils import group_world_size
+    from megatron_core.tensor_parallel.utils import group_world_size, resolve_group
 
     config = float8_config(plan)
     mm = _mm_config(config)
-    if kind is not None and group is not None and group_world_size(group) > 1:
-        tp_matmul, ctx = _tp_matmul(), (mm, config, SHARDED[kind], _GroupMesh(group))
+    if kind is not None and group_world_size(group) > 1:
+        tp_matmul, ctx = _tp_matmul(), (mm, config, SHARDED[kind], _GroupMesh(resolve_group(group)))
 
         def tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             if torch.is_autocast_enabled(x.device.type):
