@@ -9,8 +9,8 @@ ln(branching)), so a numerics problem shows as a curve that drifts away from bf1
 Writes ``losses.json`` (every logged step of every run) and prints, per recipe, the largest
 relative loss difference to bf16 over the logged steps after ``--warmup``, against ``--tol``
 (issue 20's 1.5%: the first steps fall from ln(vocab) so fast that a one-step lag in the curve
-reads as several percent; after warm-up the curves are smooth and 1.5% is ~10x the bf16
-run-to-run spread of a 125M model on this data).
+reads as several percent; after warm-up the curves are smooth, so a gap past 1.5% is a drift,
+not rounding noise; docs/performance.md says more).
 """
 
 from __future__ import annotations
