@@ -31,8 +31,10 @@ FAST=(--set torch_compile=true --set torch_compile_tuning="$([[ ${TUNING:-0} == 
       --set precision=fp32 --set 'bf16={enabled: false}' --set 'data_types={}'
       --set 'torch_autocast={enabled: true, dtype: bfloat16}' --set 'zero_optimization={stage: 0}'
       --set optimizer_master_weights=true)
-TINY=(--config configs/tinyllama_1b.yml "${STEPS[@]}" "${FAST[@]}")
-L7B=(--config configs/bench/llemma_7b_shape.yml "${STEPS[@]}" "${FAST[@]}" --set model_parallel_size=1 --set num_gpus=1)
+# One data folder per vocabulary: bench_train.py reuses a folder's tokenizer and tokens as they are.
+TINY=(--config configs/tinyllama_1b.yml --work /tmp/neox_bench_fp8_32000 "${STEPS[@]}" "${FAST[@]}")
+L7B=(--config configs/bench/llemma_7b_shape.yml --work /tmp/neox_bench_fp8_32016 "${STEPS[@]}" "${FAST[@]}"
+     --set model_parallel_size=1 --set num_gpus=1)
 TINY_SHAPE=(--layers 22 --hidden 2048 --heads 32 --kv 4 --ffn 5632 --vocab 32000 --seq 4096 --mbs 4)
 L7B_SHAPE=(--layers 32 --hidden 4096 --heads 32 --kv 32 --ffn 11008 --vocab 32016 --seq 4096)
 
@@ -44,7 +46,7 @@ anchor_case() {  # name, seconds, FP8 recipe ("" = bf16), AC (0/1), fsdp2_anchor
   FP8=$fp8 AC=$ac timeout "$limit" python -m torch.distributed.run --standalone --nproc_per_node 1 "$ANCHOR" "$@" \
     > "$OUT/$name.log" 2>&1
   pkill -9 -f "$ANCHOR" 2>/dev/null && sleep 3
-  grep '^{' "$OUT/$name.log" | tee -a "$OUT/anchors.jsonl" || tail -5 "$OUT/$name.log"
+  if grep '^{' "$OUT/$name.log"; then grep '^{' "$OUT/$name.log" >> "$OUT/anchors.jsonl"; else tail -5 "$OUT/$name.log"; fi
 }
 
 case $PART in
