@@ -218,8 +218,8 @@ class LauncherConfig:
     num_gpus: int | None = None
     """Ranks per node (-1 or None: every visible GPU; on a machine without GPUs, 1)."""
 
-    master_port: int = 29500
-    """Rendezvous port."""
+    master_port: int | None = None
+    """Rendezvous port (unset: a free port for a run on this machine alone; 29500 with a hostfile or srun, where every node must agree on it)."""
 
     master_addr: str | None = None
     """Rendezvous address (None: the first host)."""
