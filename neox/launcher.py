@@ -188,7 +188,7 @@ def _runner_flags(args: NeoXArgs) -> list[str]:
 
 
 def srun_command(args: NeoXArgs, python: str, user_script: str, rank_args: list[str]) -> list[str]:
-    """srun starting one task per GPU; ranks map SLURM_* to RANK/WORLD_SIZE in from_launcher."""
+    """srun starting one task per GPU; ranks map SLURM_* to RANK/WORLD_SIZE in neox.handoff.rank_args."""
     la, world = args.launcher, args.parallel.world_size
     cmd = ["srun", f"--ntasks={world}"]
     if la.num_nodes and la.num_nodes > 0:
