@@ -147,6 +147,6 @@ def deepspeed_overrides(a: NeoXArgs, config: dict[str, Any]) -> None:
 def plan_lines(a: NeoXArgs) -> list[str]:
     """``plan`` as the dry run prints it (stderr: stdout is one JSON object)."""
     p = plan(a)
-    return [f"torch.compile {'on' if p['torch_compile_on_cuda_ranks'] else 'off'} on CUDA ranks, "
-            f"{'on' if p['torch_compile_on_cpu_ranks'] else 'off'} on CPU ranks ({p['torch_compile']})",
+    return [f"torch.compile: {'on' if p['torch_compile_on_cuda_ranks'] else 'off'} for CUDA ranks, "
+            f"{'on' if p['torch_compile_on_cpu_ranks'] else 'off'} for CPU ranks ({p['torch_compile']})",
             p["optimizer_path"]]

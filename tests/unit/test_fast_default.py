@@ -48,7 +48,7 @@ def test_neox_style_bf16_config_takes_the_master_weight_path(tmp_path):
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "data_types" not in ds
     assert ("neox: ranks will run bf16 parameters with fp32 master weights (fast path, gradients accumulated "
             "in fp32;") in out.stderr
-    assert "neox: ranks will run torch.compile on on CUDA ranks, off on CPU ranks" in out.stderr
+    assert "neox: ranks will run torch.compile: on for CUDA ranks, off for CPU ranks" in out.stderr
 
 
 def test_zero1_at_data_parallel_2_keeps_deepspeed(tmp_path):
@@ -174,3 +174,24 @@ def test_nonfinite_step_is_skipped():
     ours.grad = torch.ones_like(ours)
     opt.step()
     assert not opt.overflow and not torch.equal(ours.detach(), weights)
+
+
+@pytest.mark.parametrize("saved, keeps_deepspeed", [
+    ({"precision": "bfloat16", "optimizer_master_weights": False}, True),  # DeepSpeed's bf16 optimizer state
+    (None, True),  # no neox_args.json: written by GPT-NeoX / DeepSpeed directly
+    ({"precision": "bfloat16", "optimizer_master_weights": True}, False),
+])
+def test_resume_of_a_deepspeed_bf16_checkpoint_keeps_its_optimizer(tmp_path, saved, keeps_deepspeed):
+    from neox.training.fast_path import resolve_on_rank
+
+    tag = tmp_path / "ckpt" / "global_step5"
+    tag.mkdir(parents=True)
+    if saved is not None:
+        (tag / "neox_args.json").write_text(json.dumps(saved))
+    args = NeoXArgs.from_flat({**NEOX_BF16, "padded_vocab_size": 128}, world_size=1)
+    resolved, notes = resolve_on_rank(args, torch.device("cpu"), str(tag))
+    assert resolved.precision.optimizer_master_weights is (not keeps_deepspeed)
+    assert ("saved by DeepSpeed's bf16 optimizer" in notes[1]) is keeps_deepspeed
+    # without optimizer state to resume, a new path is fine
+    fresh = NeoXArgs.from_flat({**NEOX_BF16, "padded_vocab_size": 128, "no_load_optim": True}, world_size=1)
+    assert resolve_on_rank(fresh, torch.device("cpu"), str(tag))[0].precision.optimizer_master_weights is True
