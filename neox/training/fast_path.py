@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import torch
 
@@ -86,11 +87,34 @@ def resolve_on_rank(args: NeoXArgs, device: torch.device, load: str | None) -> t
     return args, notes
 
 
-def compile_summary(seconds: float) -> str:
-    """One line on the first step of a compiled run: its time and whether Inductor's caches served it."""
+def compile_counts() -> tuple[int, int]:
+    """Inductor's FX-graph cache (hits, misses) in this process so far."""
     from torch._dynamo.utils import counters
 
-    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def compile_summary(seconds: float, since: tuple[int, int] = (0, 0)) -> str:
+    """One line on the first step of a compiled run: its time and whether Inductor's caches served
+    it (counted from ``since``, ``compile_counts()`` before the step)."""
+    hits, misses = (now - before for now, before in zip(compile_counts(), since))
     kind = "warm" if hits and not misses else "cold" if misses and not hits else "partly warm"
     return (f"first step {seconds:.1f} s with torch.compile ({kind}: {hits} compiled graphs from Inductor's cache, "
             f"{misses} compiled anew; cache {os.environ.get(INDUCTOR_CACHE_ENV) or 'PyTorch default'})")
+
+
+class FirstStepTimer:
+    """Logs ``compile_summary`` once, after the first step of a run that compiles (CUDA ranks)."""
+
+    def __init__(self, compile_on: bool | None, device: torch.device, rank: int) -> None:
+        self.active, self.device, self.rank = bool(compile_on) and device.type == "cuda", device, rank
+        self.since = compile_counts() if self.active else (0, 0)  # the process may have compiled before
+        self.started = time.perf_counter()
+
+    def done(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        torch.cuda.synchronize(self.device)
+        if self.rank == 0:
+            print(f"neox: {compile_summary(time.perf_counter() - self.started, self.since)}", flush=True)

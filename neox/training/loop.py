@@ -16,6 +16,7 @@ from neox.errors import NeoXError
 from neox.logging import MetricsLogger, max_memory_gib
 from neox.training import flops
 from neox.training.eval import evaluate
+from neox.training.fast_path import FirstStepTimer
 from neox.training.preemption import StopRequests
 from neox.training.profiler import IterationProfiler
 from neox.training.state import TrainState
@@ -186,17 +187,6 @@ def _settle(ctx: TrainContext, state: TrainState, step: LaunchedStep, win: _Wind
     return res, _account(ctx, state, res, nan_run)
 
 
-def _report_first_step(ctx: TrainContext, started: float, rank: int) -> None:
-    """One line: how long the first step of a compiled run took (its compiles), cold or warm."""
-    if not (ctx.args.model.torch_compile and ctx.device.type == "cuda"):
-        return
-    torch.cuda.synchronize(ctx.device)
-    if rank == 0:
-        from neox.training.fast_path import compile_summary
-
-        print(f"neox: {compile_summary(time.perf_counter() - started)}", flush=True)
-
-
 def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter: Iterator | None = None,
           test_iter: Iterator | None = None) -> str | None:
     """Train until ``train_iters``; returns the stop reason if stopped early (after saving).
@@ -215,13 +205,12 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
     launched, pending = state.iteration, None
     window_start, paused = time.perf_counter(), 0.0
-    first, started = launched, time.perf_counter()
+    first_step = FirstStepTimer(ctx.args.model.torch_compile, ctx.device, rank)
     while launched < (tcfg.train_iters or 0):
         profiler.before(launched)
         step = _step(ctx, source)
         profiler.after(launched, ctx.device)
-        if launched == first:
-            _report_first_step(ctx, started, rank)
+        first_step.done()
         launched += 1
         if pending is not None:
             _, nan_run = _settle(ctx, state, pending, win, nan_run)
