@@ -25,10 +25,13 @@ NEOX_BF16 = {"precision": "bfloat16", "bf16": {"enabled": True}, "data_types": {
 def _one_rank(rank: int, world: int, prefix: str, tmp: str) -> dict:
     ref = tiny_flat(prefix, **NEOX_BF16, save=f"{tmp}/ckpt", checkpoint_factor=STEPS)
     accum = tiny_flat(prefix, **NEOX_BF16, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2)
+    # as GPT-NeoX configs write it: ZeRO 1 (at data parallel 1 the same path as stage 0)
+    zero1 = tiny_flat(prefix, **NEOX_BF16, zero_optimization={"stage": 1})
     # the same config on DeepSpeed's bf16 optimizer (ZeRO 1: DeepSpeed refuses fp32 accumulation at 0)
     deepspeed = tiny_flat(prefix, **NEOX_BF16, optimizer_master_weights=False, zero_optimization={"stage": 1})
     return {"ref": _guarded(lambda: run_pretrain(ref, world).losses),
             "accum": _guarded(lambda: run_pretrain(accum, world).losses),
+            "zero1": _guarded(lambda: run_pretrain(zero1, world).losses),
             "deepspeed": _guarded(lambda: run_pretrain(deepspeed, world).losses)}
 
 
@@ -60,6 +63,10 @@ def test_takes_the_master_weight_path_by_itself(runs):
     assert {t.dtype for t in saved["module"].values()} == {torch.bfloat16}
     state = saved["optimizer"]["state"]
     assert state and all(s["master"].dtype == torch.float32 for s in state.values())
+
+
+def test_zero1_at_data_parallel_1_is_the_same_path(runs):
+    assert _ok(runs["single"]["zero1"]) == _ok(runs["single"]["ref"])
 
 
 def test_matches_deepspeeds_bf16_optimizer(runs):
