@@ -15,10 +15,11 @@ fuses into a few kernels. Elsewhere it runs eagerly with the same ops.
 A master is created from its parameter at the first step that sees it (or comes with a loaded
 optimizer state), so weights loaded into the model before training starts are the ones trained.
 
-Gradient accumulation (``accumulate_fp32``): after each micro-batch's backward, ``accumulate`` adds
-the bf16 gradients into fp32 sums and frees them, so the update is fp32 AdamW's on the fp32 sum of
-the micro-batches' gradients (what DeepSpeed's ``grad_accum_dtype: fp32`` asks for). Over several
-data-parallel ranks the sums are then all-reduced here, in fp32, once per step.
+Gradient accumulation (``accumulate_fp32``): a hook on each parameter adds its bf16 gradient into an
+fp32 sum as soon as backward produces it and frees it, so the update is fp32 AdamW's on the fp32 sum
+of the micro-batches' gradients (what DeepSpeed's ``grad_accum_dtype: fp32`` asks for) and the bf16
+gradients of the whole model never coexist. Over several data-parallel ranks ``accumulate`` then
+all-reduces the sums here, in fp32, once per step.
 
 ``skip_nonfinite``: a step whose gradients are not all finite changes nothing (masters, moments,
 step count) and sets ``overflow``, which DeepSpeed's engine reads to skip the LR step and count a
@@ -74,6 +75,22 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.accumulate_fp32, self.skip_nonfinite, self.dp_group = accumulate_fp32, skip_nonfinite, dp_group
         # fp32 gradient sums between accumulation boundaries; not optimizer state (zero at every save)
         self._sums: dict[torch.Tensor, torch.Tensor] = {}
+        if accumulate_fp32:
+            # each bf16 gradient goes into its sum as soon as backward has produced it, so the
+            # model's bf16 gradients never all exist at once (peak memory as DeepSpeed's fp32 buffers)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        p.register_post_accumulate_grad_hook(self._sum_gradient)
+
+    @torch.no_grad()
+    def _sum_gradient(self, p: torch.Tensor) -> None:
+        total = self._sums.get(p)
+        if total is None:
+            self._sums[p] = p.grad.float()
+        else:
+            total.add_(p.grad)
+        p.grad = None
 
     @property
     def reduces_gradients(self) -> bool:
@@ -82,8 +99,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def accumulate(self, boundary: bool) -> None:
-        """After a micro-batch's backward: add its bf16 gradients into the fp32 sums and free them;
-        at the accumulation ``boundary``, all-reduce (average) the sums over ``dp_group``."""
+        """After a micro-batch's backward: add the bf16 gradients the backward hooks have not taken
+        (ones set by hand) into the fp32 sums and free them; at the accumulation ``boundary``,
+        all-reduce (average) the sums over ``dp_group``."""
         if not self.accumulate_fp32:
             return
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -195,3 +195,24 @@ def test_resume_of_a_deepspeed_bf16_checkpoint_keeps_its_optimizer(tmp_path, sav
     # without optimizer state to resume, a new path is fine
     fresh = NeoXArgs.from_flat({**NEOX_BF16, "padded_vocab_size": 128, "no_load_optim": True}, world_size=1)
     assert resolve_on_rank(fresh, torch.device("cpu"), str(tag))[0].precision.optimizer_master_weights is True
+
+
+def test_backward_hooks_sum_each_gradient_in_fp32_as_backward_produces_it():
+    """The sums the hooks build equal the fp32 sum of the bf16 gradients that plain autograd gives
+    (a twin model without the optimizer), and no bf16 gradient is left behind."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 4)).bfloat16()
+    twin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 4)).bfloat16()
+    twin.load_state_dict(ours.state_dict())
+    opt = MasterWeightAdamW(ours.parameters(), accumulate_fp32=True)
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in twin.parameters()]
+    for _ in range(3):
+        x = torch.randn(8, 16).bfloat16()
+        ours(x).square().mean().backward()
+        assert all(p.grad is None for p in ours.parameters())
+        twin(x).square().mean().backward()
+        for total, p in zip(expected, twin.parameters()):
+            total += p.grad.float()
+            p.grad = None
+    for (_, got), want in zip(opt.gradients(list(ours.parameters())), expected):
+        assert torch.equal(got, want)
