@@ -35,7 +35,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
-    from neox.config import NeoXArgs
+    from neox.config import NeoXArgs, fast_path
     from neox.errors import ConfigError
     from neox.launcher import build_launch_command, launch, planned_world_size
 
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             "warnings": warnings,
         }
         print(json.dumps(report, indent=2, sort_keys=True))
+        for line in fast_path.plan_lines(args):  # what the ranks will choose (stdout stays one JSON object)
+            print(f"neox: ranks will run {line}", file=sys.stderr)
         return 0
     return launch(args, cli.user_script)
 
