@@ -2,7 +2,8 @@
 
 neox's Column/RowParallelLinear keep their parameters and tensor-parallel collectives; only the local
 shard matmul is swapped (the layers' ``linear_fn`` hook) for torchao's float8 autograd function
-``matmul_with_hp_or_float8_args``, the same one ``torchao.float8.Float8Linear`` runs. So every rank
+``matmul_with_hp_or_float8_args``, the same one ``torchao.float8.Float8Linear`` runs (at tensor
+parallel > 1, the same casts and GEMMs with the amax reduction below). So every rank
 casts its input, weight shard and output gradient to FP8 with dynamic scales (one per tensor, or one
 per row), while the all-gathers / reductions around it stay in bf16 and the state_dict, ZeRO
 partitioning, gradient clipping and checkpoints are exactly those of a bf16 run. Scales are computed
