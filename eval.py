@@ -37,7 +37,6 @@ def _dtype(args: Any, device: Any) -> Any:
 def run(args: Any) -> dict[str, Any] | None:
     """Build the model at this run's TP size, load the checkpoint, run ``eval_tasks``; rank 0 writes and logs."""
     from neox.eval import harness
-    from neox.eval.lm import NeoXLM
     from neox.generation import load_weights
     from neox.logging import MetricsLogger
     from neox.model import GPTModel
@@ -47,9 +46,11 @@ def run(args: Any) -> dict[str, Any] | None:
     if args.parallel.pipe_parallel_size > 1:
         raise ConfigError("pipe_parallel_size: eval.py runs the plain model; set 0 or 1 "
                           "(pipeline checkpoints load at any pipeline size)")
-    manager = harness.task_manager(args.eval.eval_tasks_include_path)
+    manager = harness.task_manager(args.eval.eval_tasks_include_path)  # first: a missing lm_eval is one line
     harness.check_tasks(manager, args.eval.eval_tasks)
     load = checkpoint_to_load(args.checkpoint)
+    from neox.eval.lm import NeoXLM
+
     device = init_distributed(args)
     tokenizer = build_tokenizer(args.tokenizer)
     if args.model.padded_vocab_size is None:

@@ -26,13 +26,26 @@ def test_keys_parse_into_eval_section():
     assert NeoXArgs.from_flat(H.model_flat(), world_size=1).eval.eval_limit is None  # no limit=10
 
 
-def test_eval_tasks_without_lm_eval_is_one_line_error(monkeypatch):
-    from neox.eval import harness
+def _entry():
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("neox_eval_entry", H.ROOT / "eval.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    return entry
+
+
+def test_eval_tasks_without_lm_eval_is_one_line_error(monkeypatch):
+    from neox.eval.training import make_eval_tasks_fn
+
+    for mod in [m for m in sys.modules if m == "lm_eval" or m.startswith(("lm_eval.", "neox.eval.lm"))]:
+        monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
-    with pytest.raises(ConfigError) as err:
-        harness.task_manager([])
-    assert _one_line(err).startswith("eval_tasks:") and "lm_eval==" in str(err.value)
+    args = NeoXArgs.from_flat(H.model_flat(eval_tasks=["arith_mc"]), world_size=1)
+    for call in (lambda: _entry().run(args), lambda: make_eval_tasks_fn(args, None, None, None)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert _one_line(err).startswith("eval_tasks:") and "lm_eval==" in str(err.value)
 
 
 def test_in_training_hook_checks_tasks_before_training(tmp_path):
@@ -55,11 +68,7 @@ def test_in_training_hook_checks_tasks_before_training(tmp_path):
 
 
 def test_checkpoint_to_load_follows_inference_load_dir(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("neox_eval_entry", H.ROOT / "eval.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    entry = _entry()
     assert entry.checkpoint_to_load(CheckpointConfig(load="a", save=str(tmp_path))) == "a"
     with pytest.raises(ConfigError) as err:
         entry.checkpoint_to_load(CheckpointConfig(save=str(tmp_path)))  # no latest file yet
