@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def write_results(results: dict[str, Any], ecfg: Any, log_dir: str | None) -> Pa
     """The results JSON (samples left out) and, with eval_log_samples, samples_<task>_<time>.jsonl beside it."""
     from lm_eval.utils import handle_non_serializable
 
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    stamp = datetime.now().isoformat().replace(":", "-")  # the harness's own stamp: microseconds, no clashes
     path = results_path(ecfg, log_dir, stamp)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in results.items() if k != "samples"}
