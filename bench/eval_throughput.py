@@ -15,11 +15,12 @@ requests/s, context tokens/s and generated tokens/s (tokens re-encoded from the 
 same count for every backend). Unbatched runs a subset (rates are per second).
 
 Imports only what the harness's LM classes need, not its task machinery (datasets, evaluate, ...):
-besides torch and transformers, just lm_eval and accelerate (the HF backend), both installable with
-``pip install --no-deps lm_eval-0.4.13-py3-none-any.whl accelerate-1.15.0-py3-none-any.whl`` (from
-``pip download --no-deps lm_eval==0.4.13 accelerate==1.15.0``); jinja2 comes with torch, psutil with
-most Python images (accelerate needs it). ``--tiny`` runs a 2-layer model on the CPU to check the
-script. Writes ``$OUT/eval_throughput.json`` and ``$OUT/eval_throughput.log``.
+besides torch, transformers and neox's own dependencies, lm_eval and accelerate (the HF backend), and
+psutil for accelerate; jinja2 comes with torch. Wheels (``pip download --no-deps lm_eval==0.4.13
+accelerate==1.15.0 psutil==7.2.2``): lm_eval-0.4.13-py3-none-any.whl, accelerate-1.15.0-py3-none-any.whl,
+psutil-7.2.2-cp36-abi3-manylinux2010_x86_64.manylinux_2_12_x86_64.manylinux_2_28_x86_64.whl, installed
+with ``pip install --no-deps``. ``--tiny`` runs a 2-layer model on the CPU to check the script.
+Writes ``$OUT/eval_throughput.json`` and ``$OUT/eval_throughput.log``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def check_imports() -> None:
             missing.append(mod)
     if missing:
         raise SystemExit(f"eval_throughput: missing {missing}; pip install --no-deps lm_eval==0.4.13 "
-                         "accelerate==1.15.0 (jinja2, psutil if absent)")
+                         "accelerate==1.15.0 psutil==7.2.2")
 
 
 def synthetic_jsonl(path: Path, n_mc: int, n_gen: int, ctx_words: int, seed: int = 0) -> None:
