@@ -29,6 +29,14 @@ def _records(log_dir: str) -> list[dict[str, Any]]:
         return [r for r in map(json.loads, f) if r.get("split") == "eval_tasks"]
 
 
+def _tb_tags(tb_dir: str) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb_dir)
+    acc.Reload()
+    return sorted(acc.Tags()["scalars"])
+
+
 def _group(rank: int, world: int, prefix: str, tasks: str, tmp: str) -> dict[str, Any]:
     import importlib.util
 
@@ -51,7 +59,7 @@ def _group(rank: int, world: int, prefix: str, tasks: str, tmp: str) -> dict[str
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     flat = tiny_flat(prefix, **on, save=f"{tmp}/ckpt", log_dir=f"{tmp}/logs_eval", eval_log_samples=True,
-                     eval_results_prefix=f"{tmp}/results/run1")
+                     eval_results_prefix=f"{tmp}/results/run1", tensorboard_dir=f"{tmp}/tb_eval")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         res = entry.run(NeoXArgs.from_flat(flat, world_size=world))
@@ -59,6 +67,7 @@ def _group(rank: int, world: int, prefix: str, tasks: str, tmp: str) -> dict[str
     out["eval_stdout"] = stdout.getvalue()
     out["eval_records"] = _records(f"{tmp}/logs_eval")
     out["files"] = sorted(Path(p).name for p in glob.glob(f"{tmp}/results/*"))
+    out["tb_tags"] = _tb_tags(f"{tmp}/tb_eval")
     with open(glob.glob(f"{tmp}/results/run1_eval_results_*.json")[0], encoding="utf-8") as f:
         out["json"] = json.load(f)
     return out
@@ -100,5 +109,6 @@ def test_eval_py_writes_results_samples_table_and_record(group):
     assert "arith_mc" in group["eval_stdout"] and "|" in group["eval_stdout"]  # the harness's table
     (rec,) = group["eval_records"]
     assert rec["iteration"] == STEPS  # the checkpoint evaluated: the latest under save
+    assert {"eval_tasks/arith_mc/acc", "eval_tasks/arith_gen/exact_match"} <= set(group["tb_tags"])
     # the latest checkpoint is the trained run's last weights: the in-training scores at the end
     assert rec == {**group["on_records"][-1], "iteration": STEPS}
