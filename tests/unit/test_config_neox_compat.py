@@ -88,7 +88,8 @@ def test_llemma_published_values(capsys):
     assert a["min_lr"] == pytest.approx(0.033 * 1e-4) and a["warmup_iters"] == 500
     assert a["train_data_weights"] == [2, 4, 1, 0.147368, 0.221053] and len(a["valid_data_paths"]) == 3
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"] == {"enabled": True}
-    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and a["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert "optimizer" not in ds  # neox builds the optimizer (training/optim.py) and hands DeepSpeed the object
     assert r["launch_command"][0] == "srun"
     big = NeoXArgs.from_ymls([str(ROOT / "configs/llemma_34b.yml")], world_size=64)
     assert (big.parallel.model_parallel_size, big.model.num_layers, big.model.hidden_size) == (8, 48, 8192)
