@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from neox.config import compat
+from neox.config import compat, fast_path
 from neox.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +52,11 @@ def unknown_block_keys(block: str, values: dict[str, Any]) -> list[str]:
 def _clean(block: str, values: dict[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in values.items() if k in BLOCK_KEYS[block]}
 
+
+# DeepSpeed's CPU shared-memory all-reduce buffer (deepspeed/ops/csrc/cpu/comm/shm.cpp), which it never
+# unlinks; named here, torch-free, for the ranks (training.engine) and the launcher (killed ranks' buffers).
+SHM_DIR = "/dev/shm"
+CPU_ALLREDUCE_BUFFER = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 # DeepSpeed prints its own loss line every steps_per_print steps; neox logs by log_interval instead.
 QUIET_STEPS_PER_PRINT = 10**9
@@ -97,6 +102,7 @@ def build_deepspeed_config(args: NeoXArgs) -> dict[str, Any]:
     for key in compat.DEEPSPEED_PASSTHROUGH:
         if key in args.compat and key != "deepspeed_extra_args" and args.compat[key] is not None:
             config[key] = copy.deepcopy(args.compat[key])
+    fast_path.deepspeed_overrides(args, config)
     extra = args.compat.get("deepspeed_extra_args") or {}
     for key in ("optimizer", "scheduler"):
         if key in extra:

@@ -85,10 +85,12 @@ def release_cpu_allreduce_buffer() -> None:
     DeepSpeed creates ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}`` (69 MB) on every CPU
     rank and never unlinks it, so each CPU run left memory-backed files behind until /dev/shm was full.
     """
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
+    from neox.config.deepspeed import CPU_ALLREDUCE_BUFFER, SHM_DIR
+
+    name = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                       port=os.environ.get("MASTER_PORT", ""), rank=os.environ.get("RANK", ""))
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join("/dev/shm", name))
+        os.unlink(os.path.join(SHM_DIR, name))
 
 
 def pipeline_topology(*, pipe: int, tensor: int, data: int) -> Any:

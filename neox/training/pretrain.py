@@ -168,6 +168,8 @@ def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -
     config = boundary.runtime_config(args.deepspeed_config(), optimizer, is_pipeline=boundary.uses_pipeline(args.parallel))
     engine = boundary.initialize(model, optimizer, config, lr_scheduler=scheduler, mpu=parallel_state,
                                  skip_single_rank_allreduce=parallel_state.get_data_parallel_world_size() == 1)
+    if getattr(optimizer, "reduces_gradients", False):
+        engine.skip_gradient_allreduce()  # MasterWeightAdamW accumulating in fp32 all-reduces its fp32 sums itself
     return engine, scheduler
 
 
@@ -256,6 +258,11 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     """Train the model ``args`` describes; every rank calls this (train.py, or a test's spawned rank)."""
     args, device, tokenizer = _prepare(args)
     from neox.model.loss import lm_loss
+    from neox.training.fast_path import resolve_on_rank
+
+    args, notes = resolve_on_rank(args, device, resume_from_save(args).checkpoint.load)
+    if dist.get_rank() == 0:
+        print("\n".join(f"neox: {note}" for note in notes), flush=True)
 
     model = build_model(args, device)
     engine, _ = build_engine(args, model, device)

@@ -21,6 +21,8 @@ ENGINE_INTERNALS = {"checkpoint_engine", "_config", "enable_backward_allreduce",
                     "dp_world_size", "seq_dp_world_size", "grid", "loss_scale_config", "cur_scale",
                     "global_samples", "skipped_steps", "_ds"}
 STRINGS = ("/dev/shm", "deepspeed_allreduce_buffer", "ds_to_universal")
+# DeepSpeed's names that torch-free code needs too (the launcher) live in the config-dict module
+STRINGS_ALLOWED = {BOUNDARY, "neox/config/deepspeed.py"}
 
 
 def _sources() -> list[tuple[str, ast.AST]]:
@@ -55,7 +57,8 @@ def _problems(rel: str, tree: ast.AST) -> list[str]:
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__setattr__"
                 and node.args and _is_engine_name(node.args[0])):
             out.append(f"{where}: object.__setattr__(engine, ...)")
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and any(s in node.value for s in STRINGS):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and any(s in node.value for s in STRINGS)
+                and rel not in STRINGS_ALLOWED):
             out.append(f"{where}: {node.value[:40]!r}")
         if (rel.startswith(("neox/training/", "neox/checkpoint/")) and isinstance(node, ast.Compare)
                 and any(isinstance(n, ast.Attribute) and n.attr == "pipe_parallel_size"
