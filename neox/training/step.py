@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
+from neox.training.engine import Engine
 from neox.training.grad_clip import clip_grad_norm_, release_grad_scale, uses_own_clipping
 from neox.training.readback import PendingScalars
 
@@ -98,16 +99,16 @@ class LaunchedStep:
         return StepResult(values["loss"], self.applied, values.get("grad_norm"), self.timers_ms)
 
 
-def _grad_norm(engine: Any) -> torch.Tensor | float | None:
+def _grad_norm(engine: Engine) -> torch.Tensor | float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else norm if torch.is_tensor(norm) else float(norm)
 
 
-def _own_clipping(engine: Any) -> bool:
+def _own_clipping(engine: Engine) -> bool:
     return uses_own_clipping(int(engine.zero_optimization_stage()), engine.fp16_enabled(), engine.bfloat16_enabled())
 
 
-def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
+def train_step(engine: Engine, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
                device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False) -> LaunchedStep:
     """One optimizer step on a plain (non-pipeline) engine, returned without waiting for the GPU.
 
@@ -144,7 +145,7 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
                         bool(engine.was_step_applied()), timer.ms)
 
 
-def train_step_pipe(engine: Any, data_iter: Iterator, *, device: torch.device,
+def train_step_pipe(engine: Engine, data_iter: Iterator, *, device: torch.device,
                     breakdown: bool = False) -> LaunchedStep:
     """One optimizer step on a DeepSpeed PipelineEngine (its schedule pulls GAS micro-batches)."""
     timer = _Timer(breakdown, device)
