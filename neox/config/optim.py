@@ -37,16 +37,16 @@ class LRConfig:
     """Decay after warmup: 'constant', 'linear', 'cosine' or 'exponential'."""
 
     lr_decay_iters: int | None = None
-    """Iterations over which the learning rate decays. None: train_iters."""
+    """Iterations over which the learning rate decays (at least 1). None: floor(lr_decay_fraction * train_iters) if that is set, else train_iters."""
 
     lr_decay_fraction: float | None = None
-    """If set, lr_decay_iters = lr_decay_fraction * train_iters."""
+    """If set, lr_decay_iters = floor(lr_decay_fraction * train_iters) (set one of the two)."""
 
     warmup: float = 0.01
     """Warmup as a fraction of lr_decay_iters (NeoX's meaning); ignored when warmup_iters is set."""
 
-    warmup_iters: int | None = None
-    """Warmup iterations. None: round(warmup * lr_decay_iters)."""
+    warmup_iters: float | None = None
+    """Warmup iterations. None: warmup * lr_decay_iters, kept as a float as GPT-NeoX does (0.01 * 150 = 1.5)."""
 
     min_lr: float = 0.0
     """Floor of the learning rate after decay."""

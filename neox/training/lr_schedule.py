@@ -19,25 +19,18 @@ import math
 from typing import Any
 
 from neox.config import LRConfig
+from neox.config.derive import lr_schedule
 from neox.errors import ConfigError
 
 
 def resolve_schedule(cfg: LRConfig, train_iters: int, base_lr: float) -> dict[str, Any]:
-    """The schedule's numbers from the config: peak lr, min lr, warmup and decay lengths, style."""
-    if cfg.lr_decay_iters is not None:
-        decay_iters = cfg.lr_decay_iters
-    elif getattr(cfg, "lr_decay_fraction", None) is not None:
-        decay_iters = math.floor(train_iters * cfg.lr_decay_fraction)
-    else:
-        decay_iters = train_iters
-    decay_iters = max(1, decay_iters)
-    # NeoX keeps warmup as a float fraction of the decay length; warmup_iters overrides it.
-    warmup = float(cfg.warmup_iters) if cfg.warmup_iters is not None else cfg.warmup * decay_iters
-    if warmup < 0 or warmup > decay_iters:
-        raise ConfigError(f"warmup_iters: expected a value in [0, lr_decay_iters={decay_iters}], got {warmup}")
-    min_lr = cfg.decay_lr_to * base_lr if cfg.decay_lr_to is not None else cfg.min_lr
-    return {"lr": base_lr, "min_lr": min_lr, "warmup_iters": warmup, "decay_iters": decay_iters,
-            "style": cfg.lr_decay_style}
+    """The schedule's numbers (peak lr, min lr, warmup and decay lengths, style) by the config's one rule,
+    ``neox.config.derive.lr_schedule``; a derived config already holds them."""
+    s = lr_schedule(cfg, train_iters, base_lr)
+    if s.decay_iters is None:
+        raise ConfigError("train_iters: expected a positive integer to train (the schedule decays over it)")
+    return {"lr": base_lr, "min_lr": s.min_lr, "warmup_iters": s.warmup_iters, "decay_iters": s.decay_iters,
+            "style": s.style}
 
 
 def lr_at(iteration: float, *, lr: float, min_lr: float, warmup_iters: float, decay_iters: int,
