@@ -28,6 +28,13 @@ NO_EFFECT: dict[str, str] = {
     "mamba_causal_conv_fusion": "Mamba kernel fusion",
     "mamba_inner_func_fusion": "Mamba kernel fusion",
     "use_cpu_initialization": "neox initialises full tensors from the seed on any device",
+    # numerics neox always has: what these ask for is what it does anyway
+    "attention_softmax_in_fp32": "the attention softmax is always fp32: flash-attn and PyTorch's SDPA kernels keep "
+                                 "its max and sum in fp32 whatever the input dtype",
+    "apply_query_key_layer_scaling": "Megatron's fp16 overflow guard (scores scaled by 1/layer, undone in an fp32 "
+                                     "softmax) gives the same attention; neox's softmax is fp32 already",
+    "fp16_lm_cross_entropy": "the loss is always computed in fp32 from the half-precision logits (the vocab-parallel "
+                             "cross entropy upcasts; compiled, the upcast fuses into the loss)",
     "fused_kernels_build_path": "neox builds no fused kernels (PyTorch and torch.compile provide them)",
     "scalenorm_epsilon": "scalenorm is not implemented (norm must be layernorm or rmsnorm)",
     "rpe_num_buckets": "relative position embeddings are not implemented",

@@ -139,14 +139,10 @@ class ModelConfig:
     torch_compile: bool = False
     """neox: compile each transformer block with torch.compile when training on a GPU (fuses norms, rotary, SwiGLU)."""
 
-    attention_softmax_in_fp32: bool = False
-    """Compute the attention softmax in fp32."""
 
-    apply_query_key_layer_scaling: bool = False
-    """Scale q*k^T by 1/layer_number (and undo it in fp32 softmax) as Megatron does."""
 
     use_qk_layernorm: bool = False
     """GPT-NeoX: normalise queries and keys per head before attention. Not implemented in neox: only false is accepted."""
 
     sliding_window_width: int | None = None
-    """GPT-NeoX: each token attends only to this many previous tokens. Not implemented in neox: only null is accepted."""
+    """If set, each token attends to itself and this many previous tokens (GPT-NeoX's flash-attn window_size=(w, -1)), in every layer. flash_attn applies it in its kernel; SDPA takes a banded mask, which rules out its flash kernel (slower on GPU). None: full causal attention."""

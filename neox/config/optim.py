@@ -83,8 +83,6 @@ class PrecisionConfig:
     communication_data_type: str | None = None
     """DeepSpeed communication_data_type (passed through)."""
 
-    fp16_lm_cross_entropy: bool = False
-    """Compute the LM cross entropy in half precision."""
 
     optimizer_master_weights: bool = False
     """neox: with precision fp32 and torch_autocast in bf16 (ZeRO stage 0, no pipeline engine, Adam), the model holds bf16 parameters and the optimizer their fp32 master weights, updated and written back in one compiled pass: no per-step weight casts or fp32 gradient copies (measured on an H100: docs/performance.md). Gradients are bf16, so gradient_accumulation_steps > 1 also needs data_types.grad_accum_dtype bf16."""

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 ATTENTION_TYPES = ("global", "flash")
 ACTIVATIONS = ("gelu", "relu", "silu")
+PARTITION_METHODS = ("parameters", "uniform")
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
 
 
@@ -101,12 +102,15 @@ def dropout_probabilities(m: ModelConfig, mp: int) -> None:
             raise key_error(key, f"expected a probability in [0, 1), got {getattr(m, key)}")
 
 
+def sliding_window(m: ModelConfig, mp: int) -> None:
+    if m.sliding_window_width is not None and m.sliding_window_width < 1:
+        raise key_error("sliding_window_width", f"expected a positive number of earlier tokens, got {m.sliding_window_width}")
+
+
 def unimplemented_model_features(m: ModelConfig, mp: int) -> None:
     """Model keys GPT-NeoX has and neox does not implement: an error when set, not a different model."""
     if m.use_qk_layernorm:
         raise key_error("use_qk_layernorm", "query/key layernorm is not implemented; set it to false")
-    if m.sliding_window_width is not None:
-        raise key_error("sliding_window_width", "sliding-window attention is not implemented; remove the key")
     if m.output_layer_parallelism != "column":
         raise key_error("output_layer_parallelism", f"only 'column' (the output layer split by vocabulary) is "
                         f"implemented, got {m.output_layer_parallelism!r}; set 'column' (the trained model is the same)")
@@ -123,6 +127,7 @@ MODEL_RULES: list[Callable[[ModelConfig, int], None]] = [
     known_attention_types,
     known_activation,
     dropout_probabilities,
+    sliding_window,
     unimplemented_model_features,
 ]
 
@@ -178,6 +183,23 @@ def pipeline_with_zero_stage(a: NeoXArgs) -> None:
 
 
 
+
+
+def pipeline_settings(a: NeoXArgs) -> None:
+    method = a.parallel.pipe_partition_method
+    if method.lower() not in PARTITION_METHODS and not (method.lower().startswith("type:") and len(method) > 5):
+        raise key_error("pipe_partition_method", f"expected 'parameters', 'uniform' or 'type:REGEX' (DeepSpeed's "
+                        f"PipelineModule partition methods), got {method!r}")
+    if a.logging.log_grad_norm and a.parallel.pipe_parallel_size >= 1:
+        raise key_error(("log_grad_norm", "pipe_parallel_size"), "per-parameter gradient norms need pipe_parallel_size 0: "
+                        "DeepSpeed's pipeline engine runs backward and the optimizer inside one call (grad_norm, the "
+                        "global norm, is in every record)")
+
+
+def lr_scheduler_switches(a: NeoXArgs) -> None:
+    if a.lr.override_lr_scheduler and a.lr.use_checkpoint_lr_scheduler:
+        raise key_error(("override_lr_scheduler", "use_checkpoint_lr_scheduler"),
+                        "both are set: take the schedule from the config (override) or the checkpoint, not both")
 
 
 def one_half_precision(a: NeoXArgs) -> None:
@@ -343,6 +365,8 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     vocab_divisible_by_model_parallel,
     pipeline_stages_fit_layers,
     pipeline_with_zero_stage,
+    pipeline_settings,
+    lr_scheduler_switches,
     one_half_precision,
     master_weights_setup,
     compile_settings,

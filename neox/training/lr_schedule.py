@@ -20,7 +20,7 @@ from typing import Any
 
 from neox.config import LRConfig
 from neox.config.derive import lr_schedule
-from neox.errors import ConfigError
+from neox.errors import CheckpointError, ConfigError
 
 
 def resolve_schedule(cfg: LRConfig, train_iters: int, base_lr: float) -> dict[str, Any]:
@@ -54,11 +54,20 @@ def lr_at(iteration: float, *, lr: float, min_lr: float, warmup_iters: float, de
 
 
 class AnnealingLR:
-    """Sets every param group's lr from ``lr_at``; DeepSpeed calls ``step()`` after each applied step."""
+    """Sets every param group's lr from ``lr_at``; DeepSpeed calls ``step()`` after each applied step.
 
-    def __init__(self, optimizer: Any, schedule: dict[str, Any], last_iter: int = 0) -> None:
+    On checkpoint load, as GPT-NeoX's AnnealingLR: ``override`` (override_lr_scheduler) keeps the
+    config's schedule, ``use_checkpoint`` (use_checkpoint_lr_scheduler) takes the checkpoint's, and with
+    neither the two must agree (a CheckpointError names what differs). The position always comes back.
+    """
+
+    def __init__(self, optimizer: Any, schedule: dict[str, Any], last_iter: int = 0, *,
+                 override: bool = False, use_checkpoint: bool = False) -> None:
+        if override and use_checkpoint:
+            raise ConfigError("override_lr_scheduler: both it and use_checkpoint_lr_scheduler are set; set one")
         self.optimizer = optimizer
         self.schedule = dict(schedule)
+        self.override, self.use_checkpoint = override, use_checkpoint
         self.num_iters = last_iter
         self.step(last_iter)
 
@@ -79,5 +88,20 @@ class AnnealingLR:
         return {"num_iters": self.num_iters, **self.schedule}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        # The config's schedule wins (so a resumed run may change it); only the position is restored.
+        saved = {k: sd[k] for k in self.schedule if k in sd}
+        if self.use_checkpoint:
+            self.schedule.update(saved)
+        elif not self.override:
+            differ = [k for k, v in saved.items() if not _same(v, self.schedule[k])]
+            if differ:
+                both = ", ".join(f"{k} {saved[k]!r} (config {self.schedule[k]!r})" for k in differ)
+                raise CheckpointError(f"lr_scheduler: the checkpoint's schedule differs from the config's: {both}; set "
+                                      "override_lr_scheduler: true to use the config's or use_checkpoint_lr_scheduler: "
+                                      "true to use the checkpoint's")
         self.step(int(sd.get("num_iters", 0)))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
