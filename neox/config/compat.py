@@ -100,6 +100,16 @@ NO_EFFECT: dict[str, str] = {
     "curriculum_seqlen": "curriculum learning is not supported",
 }
 
+# Typed fields (documented in docs/config.md) that change nothing, and why; tests/unit/
+# test_config_fields_consumed.py fails for a typed field that is neither read nor listed here.
+NO_EFFECT_FIELDS: dict[str, str] = {
+    "steps_per_print": "DeepSpeed's own loss print; neox hands DeepSpeed a value that keeps it quiet and logs by "
+                       "log_interval",
+    "output_layer_parallelism": "only 'column' is accepted (validation refuses 'row'), which is how neox always "
+                                "splits the output layer",
+    "te_fp8_mha": "only false is accepted (validation refuses FP8 attention): attention runs in bf16 (SDPA / flash)",
+}
+
 # key -> NeoX default; any other value is an error (the feature is not implemented).
 UNSUPPORTED: dict[str, Any] = {
     # switches a user turns on expecting something to happen

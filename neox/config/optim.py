@@ -55,10 +55,10 @@ class LRConfig:
     """Decay to this fraction of lr (e.g. 0.033). Overrides min_lr when set: min_lr = decay_lr_to * lr."""
 
     override_lr_scheduler: bool = False
-    """On load, take the schedule from the config rather than the checkpoint."""
+    """On load, use the config's schedule (lr, min_lr, warmup, decay iterations, style) instead of the checkpoint's; the position (iteration) still comes from the checkpoint. Without this or use_checkpoint_lr_scheduler the two must agree (as GPT-NeoX asserts), else a one-line CheckpointError names what differs."""
 
     use_checkpoint_lr_scheduler: bool = False
-    """On load, take the schedule from the checkpoint rather than the config."""
+    """On load, use the checkpoint's schedule instead of the config's (see override_lr_scheduler; set at most one)."""
 
 
 @dataclass(frozen=True)
