@@ -6,7 +6,9 @@
 Resolves the configs (merge, derive, validate) and starts the ranks through DeepSpeed's runner, or
 srun for ``launcher: slurm`` with ``deepspeed_slurm: true``. ``--dry-run`` prints one JSON object
 (the resolved arguments, the DeepSpeed config, the launch command and a warning for each data,
-tokenizer or checkpoint path not found here) and launches nothing.
+tokenizer or checkpoint path not found here) and launches nothing. SIGTERM or SIGINT (Ctrl-C) to
+deepy.py makes the ranks save at the next step boundary and stop; deepy.py then exits with their
+status, leaving no process behind (a second signal kills them).
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
-    from neox.config import NeoXArgs
+    from neox.config import NeoXArgs, fast_path
     from neox.errors import ConfigError
-    from neox.launcher import build_launch_command, launch
+    from neox.launcher import build_launch_command, launch, planned_world_size
 
     if not os.path.isfile(cli.user_script):
         raise ConfigError(f"{cli.user_script}: user script not found")
 
     overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
-    args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir)
+    # the launcher counts the ranks (GPUs here, a hostfile, SLURM's variables): resolving the YAML does not
+    args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir, plan_world=planned_world_size)
     if cli.dry_run:
         from neox.config.validate import input_file_problems
 
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             "warnings": warnings,
         }
         print(json.dumps(report, indent=2, sort_keys=True))
+        for line in fast_path.plan_lines(args):  # what the ranks will choose (stdout stays one JSON object)
+            print(f"neox: ranks will run {line}", file=sys.stderr)
         return 0
     return launch(args, cli.user_script)
 

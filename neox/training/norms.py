@@ -75,8 +75,9 @@ def param_norms(module: nn.Module) -> dict[str, float]:
 
 class GradNorms:
     """Captures per-parameter gradient norms after the last backward of a step, before the optimizer
-    (DeepSpeed's ``safe_get_full_grad``: the reduced gradient under every ZeRO stage), unscaled by
-    fp16's loss scale. The norms stay on the device until ``read`` (at a logged iteration)."""
+    (DeepSpeed's ``safe_get_full_grad``: the reduced gradient under every ZeRO stage; neox's
+    MasterWeightAdamW: its own gradients), unscaled by fp16's loss scale. The norms stay on the device
+    until ``read`` (at a logged iteration)."""
 
     def __init__(self, loss_scale: Callable[[], float]) -> None:
         self.loss_scale = loss_scale
@@ -84,12 +85,15 @@ class GradNorms:
         self._sq: list[torch.Tensor] = []
         self._split: list[bool] = []
 
-    def capture(self, module: nn.Module) -> None:
+    def capture(self, module: nn.Module, optimizer: Any = None) -> None:
         from deepspeed.utils import safe_get_full_grad
 
+        # neox's MasterWeightAdamW keeps the step's gradients (fp32 sums when accumulating) itself
+        own = getattr(optimizer, "gradients", None)
+        held = {id(p): g for p, g in own(list(module.parameters()))} if callable(own) else None
         names, sq, split = [], [], []
         for name, p in named_parameters(module):
-            g = safe_get_full_grad(p)
+            g = held.get(id(p)) if held is not None else safe_get_full_grad(p)
             if g is None:
                 continue
             names.append(name)
