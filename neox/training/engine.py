@@ -54,6 +54,13 @@ def init_backend(backend: str, *, cpu: bool) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def mpi_discovery(port: int) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT of this rank from MPI (``deepspeed_mpi``)."""
+    from deepspeed.comm import mpi_discovery as discover
+
+    discover(distributed_port=port, verbose=False)
+
+
 def use_cpu_accelerator_without_shm_op() -> None:
     """Keep DeepSpeed from building its CPU shared-memory all-reduce op (``deepspeed_shm_comm``).
 

@@ -18,6 +18,7 @@ from neox.training import flops
 from neox.training.engine import Engine
 from neox.training.eval import evaluate
 from neox.training.fast_path import FirstStepTimer
+from neox.training.norms import GradNorms, norm_fields
 from neox.training.preemption import StopRequests
 from neox.training.profiler import IterationProfiler
 from neox.training.state import TrainState
@@ -43,6 +44,8 @@ class TrainContext:
     peak_tflops: float | None = None
     weights_suspect: bool = False
     """A step with a non-finite loss was applied (no fp16 loss scaler skipped it): don't save."""
+    grad_norms: GradNorms | None = None
+    """log_grad_norm: the per-parameter gradient norms of the latest step (set by ``train``)."""
 
     @property
     def is_pipe(self) -> bool:
@@ -110,6 +113,7 @@ def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window)
     }
     if win.timers_ms:
         rec["timers_ms"] = {k: v / max(win.iters, 1) for k, v in win.timers_ms.items()}
+    rec.update(norm_fields(ctx.engine, args.logging.log_param_norm, ctx.grad_norms))
     return rec
 
 
@@ -119,7 +123,7 @@ def _step(ctx: TrainContext, train_iter: Iterator) -> LaunchedStep:
         return train_step_pipe(ctx.engine, train_iter, device=ctx.device, breakdown=breakdown)
     return train_step(ctx.engine, train_iter, eod=ctx.eod, eod_mask_loss=ctx.args.data.eod_mask_loss,
                       device=ctx.device, loss_fn=ctx.loss_fn, grad_clip=ctx.args.optim.gradient_clipping,
-                      breakdown=breakdown)
+                      breakdown=breakdown, grad_norms=ctx.grad_norms)
 
 
 def _account(ctx: TrainContext, state: TrainState, res: StepResult, nan_run: int) -> int:
@@ -190,6 +194,8 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     source = pipe_batches(train_iter, ctx.eod, args.data.eod_mask_loss) if ctx.is_pipe else train_iter
     win, nan_run, last_saved = _Window(), 0, None
     lg = args.logging
+    if lg.log_grad_norm and not ctx.is_pipe:  # validation refuses it with the pipeline engine
+        ctx.grad_norms = GradNorms(ctx.engine.loss_scale)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
     launched, pending = state.iteration, None

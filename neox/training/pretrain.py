@@ -48,6 +48,8 @@ def _free_port() -> int:
 
 def init_distributed(args: NeoXArgs) -> torch.device:
     """torch.distributed (NCCL on GPU, gloo on CPU) and the tensor/pipeline/data groups; the device."""
+    if args.launcher.deepspeed_mpi and not dist.is_initialized():
+        discover_mpi(args)
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -64,6 +66,23 @@ def init_distributed(args: NeoXArgs) -> torch.device:
         parallel_state.initialize_model_parallel(args.parallel.model_parallel_size,
                                                  max(args.parallel.pipe_parallel_size, 1))
     return device
+
+
+def discover_mpi(args: NeoXArgs) -> None:
+    """``deepspeed_mpi``, as GPT-NeoX's configure_distributed_args: this rank's RANK, WORLD_SIZE, LOCAL_RANK
+    and MASTER_ADDR/PORT from MPI (mpirun, no DeepSpeed runner), through DeepSpeed's ``mpi_discovery``."""
+    from neox.errors import ConfigError
+
+    try:
+        import mpi4py  # noqa: F401  (mpi_discovery imports it)
+    except ImportError:
+        raise ConfigError("deepspeed_mpi: reading the ranks from MPI needs mpi4py (pip install mpi4py)") from None
+    # GPT-NeoX's default port where the config leaves it free (every MPI rank must agree on it)
+    boundary.mpi_discovery(args.launcher.master_port or 29500)
+    world = args.parallel.world_size
+    if world is not None and int(os.environ["WORLD_SIZE"]) != world:
+        raise ConfigError(f"deepspeed_mpi: MPI reports {os.environ['WORLD_SIZE']} ranks but the config was resolved "
+                          f"for world_size {world} (num_gpus * num_nodes)")
 
 
 def shutdown() -> None:
@@ -104,7 +123,8 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
         topo = boundary.pipeline_topology(pipe=parallel_state.get_pipeline_model_parallel_world_size(),
                                         tensor=parallel_state.get_tensor_model_parallel_world_size(),
                                         data=parallel_state.get_data_parallel_world_size())
-        model = GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed)
+        model = GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed,
+                             partition_method=args.parallel.pipe_partition_method)
     convert_block_linears(model, args.precision, device)
     return compile_blocks(model, args, device)
 
@@ -164,7 +184,8 @@ def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -
     """The DeepSpeed engine over our optimizer, schedule and mpu (``neox.training.engine``)."""
     optimizer = build_optimizer(model, args, device)
     schedule = resolve_schedule(args.lr, args.training.train_iters or 0, base_lr(args))
-    scheduler = AnnealingLR(optimizer, schedule)
+    scheduler = AnnealingLR(optimizer, schedule, override=args.lr.override_lr_scheduler,
+                            use_checkpoint=args.lr.use_checkpoint_lr_scheduler)
     config = boundary.runtime_config(args.deepspeed_config(), optimizer, is_pipeline=boundary.uses_pipeline(args.parallel))
     engine = boundary.initialize(model, optimizer, config, lr_scheduler=scheduler, mpu=parallel_state,
                                  skip_single_rank_allreduce=parallel_state.get_data_parallel_world_size() == 1)

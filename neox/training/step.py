@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_core import parallel_state
 from neox.training.engine import Engine
 from neox.training.grad_clip import clip_grad_norm_, release_grad_scale, uses_own_clipping
+from neox.training.norms import GradNorms
 from neox.training.readback import PendingScalars
 
 
@@ -109,7 +110,8 @@ def _own_clipping(engine: Engine) -> bool:
 
 
 def train_step(engine: Engine, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
-               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False) -> LaunchedStep:
+               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False,
+               grad_norms: GradNorms | None = None) -> LaunchedStep:
     """One optimizer step on a plain (non-pipeline) engine, returned without waiting for the GPU.
 
     ``grad_clip`` is applied here on engines whose clipping neox does itself (``grad_clip``
@@ -131,6 +133,8 @@ def train_step(engine: Engine, data_iter: Iterator, *, eod: int | None, eod_mask
         if accumulate is not None:
             accumulate(boundary)  # fp32 gradient sums (MasterWeightAdamW); all-reduced at the boundary
         t = timer.mark("backward", t)
+        if grad_norms is not None and boundary:
+            grad_norms.capture(engine.module, engine.optimizer)  # log_grad_norm: before clipping and the step
         boundary_clip = boundary and _own_clipping(engine)
         if boundary_clip:
             own_norm = clip_grad_norm_(engine.module.parameters(), grad_clip, engine.optimizer)
