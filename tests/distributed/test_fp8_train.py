@@ -113,11 +113,18 @@ def test_fp8_trains_and_differs_from_fp32(runs, recipe):
     assert 1e-5 < _max_rel(fp8, fp32) < 5e-2  # FP8 rounding is there, and small
 
 
+def _all_ranks_trained(runs) -> None:
+    for rank in runs["double"]:
+        for value in rank.values():
+            _ok(value)
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fp8_tensor_parallel_2_matches_one_rank(runs, recipe):
     ref, fp32 = runs["single"][recipe], runs["single"]["fp32"]
     gap = _max_rel(ref, fp32)
-    for rank_losses in runs["double"]:
+    _all_ranks_trained(runs)
+    for rank_losses in runs["double"][:1]:  # rank 0 logs the losses (data-parallel means)
         diff = _max_rel(rank_losses[f"tp2_{recipe}"], ref)
         assert diff < TP_TOL and diff < gap / 20, (diff, gap, rank_losses[f"tp2_{recipe}"], ref)
 
@@ -131,7 +138,8 @@ def test_fp8_tensor_parallel_pair_compiles(runs):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_fp8_zero_matches_zero_0(runs, stage):
-    for rank_losses in runs["double"]:
+    _all_ranks_trained(runs)
+    for rank_losses in runs["double"][:1]:  # rank 0 logs the losses (data-parallel means)
         ref = _ok(rank_losses["zero0_tensorwise"])
         assert _max_rel(rank_losses[f"zero{stage}_tensorwise"], ref) < ZERO_TOL, (rank_losses, ref)
 
@@ -139,7 +147,8 @@ def test_fp8_zero_matches_zero_0(runs, stage):
 def test_fp8_data_parallel_stays_near_one_rank(runs):
     """Half-batch activation scales round differently from the full batch's: near, not equal."""
     ref, fp32 = runs["single"]["tensorwise"], runs["single"]["fp32"]
-    for rank_losses in runs["double"]:
+    _all_ranks_trained(runs)
+    for rank_losses in runs["double"][:1]:  # rank 0 logs the losses (data-parallel means)
         assert _max_rel(rank_losses["zero0_tensorwise"], ref) < max(5e-3, 3 * _max_rel(ref, fp32))
 
 
