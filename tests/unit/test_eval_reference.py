@@ -126,3 +126,26 @@ def test_sampled_generation_is_seeded(world):
     assert run(3) == first
     greedy = lm.generate_until(_gen_requests(PROMPTS, until=["\n\n\n"], max_gen_toks=8), disable_tqdm=True)
     assert first != greedy  # a large-init model at temperature 1 leaves its argmax somewhere
+
+
+def test_batched_generation_with_sliding_window_equals_one_at_a_time():
+    import torch
+
+    from neox.config import NeoXArgs
+    from neox.eval.lm import NeoXLM
+    from neox.generation import SamplingParams, generate_tokens
+    from neox.model import GPTModel
+    from neox.tokenizer.build import build_tokenizer
+
+    args = NeoXArgs.from_flat(H.model_flat(sliding_window_width=4), world_size=1)
+    torch.manual_seed(0)
+    model = GPTModel(args.model, seed=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)  # a large init: clear argmax choices
+    lm = NeoXLM(model, build_tokenizer(args.tokenizer), batch_size=4)
+    prompts = [lm.tok_encode(p) for p in PROMPTS[:4]]
+    batched = lm.generate_batch(prompts, [], 8, SamplingParams(temperature=0.0, vocab_size=lm.vocab_size))
+    for p, got in zip(prompts, batched, strict=True):
+        one = generate_tokens(model, p, SamplingParams(maximum_tokens=8, vocab_size=lm.vocab_size, eod=lm.eot_token_id))
+        assert got == [t for t in one if t != lm.eot_token_id]
