@@ -42,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
     args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir)
-    if cli.dry_run:
-        from neox.config.validate import input_file_problems
+    from neox.config.validate import input_file_problems, script_input_problems, validate_for_script
 
+    validate_for_script(args, cli.user_script)  # e.g. generate.py's text_gen_type: refused before any launch
+    script_inputs = list(script_input_problems(args, cli.user_script))
+    if cli.dry_run:
         # a dry run plans runs where the data is not, so missing inputs are warnings, not errors
-        warnings = [str(problem) for problem in input_file_problems(args)]
+        warnings = [str(problem) for problem in [*input_file_problems(args), *script_inputs]]
         for warning in warnings:
             print(f"neox: warning: {warning}", file=sys.stderr)
         report = {
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
+    if script_inputs and not (args.launcher.hostfile or args.launcher.deepspeed_slurm):
+        raise script_inputs[0]  # a local launch: the ranks would find the same
     return launch(args, cli.user_script)
 
 
