@@ -81,6 +81,7 @@ RULE_CASES = [
     ("deepspeed_blocks_known", dict(zero_optimization={"stage": 1, "overlap_com": True}), "did you mean 'overlap_comm'"),
     ("include_or_exclude", dict(include="a", exclude="b"), "include or exclude, not both"),
     ("known_launcher", dict(launcher="torchrun"), "launcher"),
+    ("text_generation_values", dict(top_p=2.0), "top_p: expected a probability in [0, 1]"),
 ]
 
 
