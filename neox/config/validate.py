@@ -310,6 +310,7 @@ def text_generation_values(a: NeoXArgs) -> None:
 
 RULES: list[Callable[[NeoXArgs], None]] = [
     required_shape,
+    known_attention_types,  # an architecture neox lacks (Mamba, RWKV, ...) first: its other keys may not apply
     parallel_sizes_positive,
     hidden_divisible_by_heads,
     heads_divisible_by_kv_heads,
@@ -320,7 +321,6 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     pipeline_with_zero_stage,
     sequence_fits_positions,
     rotary_dims,
-    known_attention_types,
     known_activation,
     dropout_probabilities,
     one_half_precision,
