@@ -80,9 +80,14 @@ def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device
     if args.precision.optimizer_master_weights:
         to_half_parameters(model, torch.bfloat16)
         return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, compile=device.type == "cuda")
-    if _offloads_optimizer(args.optim.zero_optimization) and _installed_op("cpu_adam"):
+    offload = _offloads_optimizer(args.optim.zero_optimization)
+    if kind == "cpu_adam" and (offload or device.type == "cpu") or offload and _installed_op("cpu_adam"):
+        # prebuilt, or named (GPT-NeoX's cpu_adam): DeepSpeed's CPU Adam, JIT-compiled on first use if need be
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        from neox.training.ds_ops import announce_build
+
+        announce_build("cpu_adam")
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     if device.type == "cuda" and _installed_op("fused_adam"):
         from deepspeed.ops.adam import FusedAdam

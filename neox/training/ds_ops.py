@@ -1,0 +1,50 @@
+"""DeepSpeed's compiled ops: which one a run is about to build, said in one line before the build starts.
+
+``scripts/install.sh`` installs DeepSpeed without compiling any op (``DS_BUILD_OPS=0``), so an op DeepSpeed
+loads is built on first use by torch.utils.cpp_extension (a C++ compiler and ninja are needed then) and
+cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later runs load the cache.
+neox avoids the ops that buy it nothing: the CPU all-reduce op ``deepspeed_shm_comm`` is never built
+(``pretrain.use_cpu_accelerator_without_shm_op``), ZeRO CPU offload runs torch AdamW unless ``cpu_adam``
+was prebuilt or ``optimizer.type: cpu_adam`` asks for DeepSpeed's CPU Adam (``neox.training.optim``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+# first-build times measured on a loaded 2-core CPU machine (DeepSpeed 0.19.8, torch 2.13, g++)
+BUILD_SECONDS = {"cpu_adam": 60}
+
+
+def installed_op(name: str) -> bool:
+    """The op was compiled when DeepSpeed was installed (DS_BUILD_<OP>=1)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(name))
+
+
+def is_cached(name: str) -> bool:
+    """A previous run's JIT build of ``name`` is in torch's extension cache (so loading it is quick)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = _get_build_directory(name, verbose=False)
+    return os.path.isfile(os.path.join(build_dir, f"{name}.so"))
+
+
+def announce_build(name: str, stream: TextIO | None = None) -> bool:
+    """Print the one line when loading DeepSpeed's ``name`` op will compile it; True if it did.
+
+    Only the first rank on each node prints: the other ranks wait for the same build (DeepSpeed locks it).
+    """
+    if installed_op(name) or is_cached(name):
+        return False
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        seconds = BUILD_SECONDS.get(name)
+        about = f", about {seconds} s the first time" if seconds else ", the first time only"
+        print(f"neox: compiling DeepSpeed's {name} op (needs a C++ compiler{about})", file=stream or sys.stderr,
+              flush=True)
+    return True
