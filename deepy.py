@@ -6,7 +6,9 @@
 Resolves the configs (merge, derive, validate) and starts the ranks through DeepSpeed's runner, or
 srun for ``launcher: slurm`` with ``deepspeed_slurm: true``. ``--dry-run`` prints one JSON object
 (the resolved arguments, the DeepSpeed config, the launch command and a warning for each data,
-tokenizer or checkpoint path not found here) and launches nothing.
+tokenizer or checkpoint path not found here) and launches nothing. SIGTERM or SIGINT (Ctrl-C) to
+deepy.py makes the ranks save at the next step boundary and stop; deepy.py then exits with their
+status, leaving no process behind (a second signal kills them).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and launch command, run nothing")
     parser.add_argument("user_script", help="the script every rank runs, e.g. train.py")
     parser.add_argument("-d", "--conf_dir", default=None, help="directory the config paths are relative to")
-    parser.add_argument("conf_file", nargs="+", help="NeoX YAML config files, merged left to right")
+    parser.add_argument("conf_file", nargs="+", help="NeoX YAML config files, merged (a key set in two with different values is an error)")
     # the overrides GPT-NeoX's deepy.py accepts
     parser.add_argument("--wandb_group", default=None, help="W&B group (overrides the config)")
     parser.add_argument("--wandb_team", default=None, help="W&B team (overrides the config)")
@@ -33,15 +35,16 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     cli = parse_cli(sys.argv[1:] if argv is None else argv)
-    from neox.config import NeoXArgs
+    from neox.config import NeoXArgs, fast_path
     from neox.errors import ConfigError
-    from neox.launcher import build_launch_command, launch
+    from neox.launcher import build_launch_command, launch, planned_world_size
 
     if not os.path.isfile(cli.user_script):
         raise ConfigError(f"{cli.user_script}: user script not found")
 
     overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
-    args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir)
+    # the launcher counts the ranks (GPUs here, a hostfile, SLURM's variables): resolving the YAML does not
+    args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir, plan_world=planned_world_size)
     from neox.config.validate import input_file_problems, script_input_problems, validate_for_script
 
     validate_for_script(args, cli.user_script)  # e.g. generate.py's text_gen_type: refused before any launch
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             "warnings": warnings,
         }
         print(json.dumps(report, indent=2, sort_keys=True))
+        for line in fast_path.plan_lines(args):  # what the ranks will choose (stdout stays one JSON object)
+            print(f"neox: ranks will run {line}", file=sys.stderr)
         return 0
     if script_inputs and not (args.launcher.hostfile or args.launcher.deepspeed_slurm):
         raise script_inputs[0]  # a local launch: the ranks would find the same

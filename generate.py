@@ -59,9 +59,9 @@ def run(args: Any) -> dict[str, float]:
 
 
 def main() -> None:
-    from neox.config import NeoXArgs
+    from neox.handoff import rank_args
 
-    run(NeoXArgs.from_launcher())  # process groups are released at exit (pretrain.shutdown via atexit)
+    run(rank_args())  # process groups are released at exit (pretrain.shutdown via atexit)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain on every rank: ``python deepy.py train.py CONF...`` starts this once per rank.
 
-The launcher hands each rank the resolved config (``--neox_args``); ranks never read YAML.
+deepy.py hands each rank the resolved config (``--neox_args_file``, neox.handoff); ranks never read YAML.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from neox.errors import exit_code_of
 
 
 def main() -> None:
-    from neox.config import NeoXArgs
+    from neox.handoff import rank_args
 
-    args = NeoXArgs.from_launcher()
+    args = rank_args()
     # Imported here: torch and DeepSpeed load on the ranks only.
     from neox.training.pretrain import pretrain
 

@@ -1,19 +1,21 @@
 """Builds and runs the command that starts the ranks: DeepSpeed's runner (local or hostfile) or srun.
 
-Never imports torch: deepy.py resolves and launches in a light process. Each rank gets the resolved
-flat config as ``--neox_args <base64 JSON>`` (NeoX passes ``--megatron_config`` the same way) and
-rebuilds it with ``NeoXArgs.from_launcher()``.
+Never imports torch: deepy.py resolves and launches in a light process. The ranks get the resolved
+config as a file (``--neox_args_file``, see neox.handoff) and rebuild it with
+``neox.handoff.rank_args()``. The config module never calls in here: deepy.py passes
+``planned_world_size`` (GPUs, hostfile, SLURM's variables) to ``NeoXArgs.from_ymls``.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
+import dataclasses
 import importlib.util
-import json
 import netrc
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,26 +25,50 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from neox.errors import ConfigError, NeoXError
+from neox.handoff import ARGS_FILE_FLAG, DEFAULT_PORT, config_file_path, write_config_file
 
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
+    from neox.config.run import LauncherConfig
 
-ARGS_FLAG = "--neox_args"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-# ---- the config on the command line ----------------------------------------------------------
+# ---- where the ranks run, and on which port they meet ------------------------------------------
 
 
-def encode_config(flat: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(flat, sort_keys=True).encode()).decode()
+def is_local_launch(la: LauncherConfig) -> bool:
+    """True when every rank starts on this machine under DeepSpeed's runner (no hostfile, no srun)."""
+    return not la.deepspeed_slurm and not (la.hostfile and parse_hostfile(la.hostfile))
 
 
-def decode_config(encoded: str) -> dict[str, Any]:
-    try:
-        return json.loads(base64.urlsafe_b64decode(encoded.encode()).decode())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{ARGS_FLAG}: not a config encoded by neox.launcher ({err})") from err
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    """Whether rank 0 could not listen on ``port`` here (bound as torch's TCPStore binds it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def launch_port(la: LauncherConfig, check: bool = False) -> int:
+    """The rendezvous port: the user's ``master_port``; unset, a free port for a run on this machine
+    alone and DEFAULT_PORT otherwise (the nodes must agree on it). ``check``: refuse a port set by
+    the user that is in use on this machine, when the run is local (elsewhere rank 0 is another host)."""
+    if la.master_port is None:
+        return free_port() if is_local_launch(la) else DEFAULT_PORT
+    if check and is_local_launch(la) and port_in_use(la.master_port):
+        raise ConfigError(f"master_port: port {la.master_port} is in use on this machine (another run?); "
+                          "set another or leave master_port unset to use a free one")
+    return la.master_port
 
 
 # ---- how many ranks ---------------------------------------------------------------------------
@@ -136,7 +162,7 @@ def planned_world_size(flat: Mapping[str, Any], environ: Mapping[str, str] | Non
 
 def _runner_flags(args: NeoXArgs) -> list[str]:
     la = args.launcher
-    flags = ["--master_port", str(la.master_port)]
+    flags = ["--master_port", str(launch_port(la))]
     if la.master_addr:
         flags += ["--master_addr", la.master_addr]
     if la.hostfile:
@@ -162,7 +188,7 @@ def _runner_flags(args: NeoXArgs) -> list[str]:
 
 
 def srun_command(args: NeoXArgs, python: str, user_script: str, rank_args: list[str]) -> list[str]:
-    """srun starting one task per GPU; ranks map SLURM_* to RANK/WORLD_SIZE in from_launcher."""
+    """srun starting one task per GPU; ranks map SLURM_* to RANK/WORLD_SIZE in neox.handoff.rank_args."""
     la, world = args.launcher, args.parallel.world_size
     cmd = ["srun", f"--ntasks={world}"]
     if la.num_nodes and la.num_nodes > 0:
@@ -179,11 +205,14 @@ def srun_command(args: NeoXArgs, python: str, user_script: str, rank_args: list[
 
 
 def build_launch_command(
-    args: NeoXArgs, user_script: str, user_args: list[str] | None = None, python: str | None = None
+    args: NeoXArgs, user_script: str, user_args: list[str] | None = None, python: str | None = None,
+    config_path: str | os.PathLike | None = None,
 ) -> list[str]:
-    """The full command line deepy.py runs (and --dry-run prints). Contains no secrets."""
+    """The full command line deepy.py runs (and --dry-run prints). Contains no secrets and not the
+    config, only the path of the file that holds it (``config_path``; None: where a launch writes it)."""
     python = python or sys.executable
-    rank_args = [ARGS_FLAG, encode_config(args.to_flat())] + list(user_args or [])
+    path = config_path or config_file_path(args, is_local_launch(args.launcher))
+    rank_args = [ARGS_FILE_FLAG, str(path)] + list(user_args or [])
     if args.launcher.deepspeed_slurm and args.launcher.launcher.lower() == "slurm":
         return srun_command(args, python, user_script, rank_args)
     return [python, "-m", "deepspeed.launcher.runner", *_runner_flags(args), user_script, *rank_args]
@@ -232,67 +261,68 @@ def _export_file(env: dict[str, str], names: list[str]) -> str:
 
 
 def check_launchable(args: NeoXArgs) -> None:
-    """Refuse a local launch whose planned ranks differ from this machine's GPUs (DeepSpeed would
-    start one rank per GPU and every rank would then reject the config)."""
+    """Refuse a local launch whose ranks this machine's GPUs cannot hold: ``num_gpus`` above the GPUs
+    visible, or planned ranks that differ from them (DeepSpeed would start one rank per GPU and every
+    rank would then reject the config). Says in one line when the ranks run on the CPU."""
     la = args.launcher
-    if la.hostfile and parse_hostfile(la.hostfile) or la.deepspeed_slurm:
+    if not is_local_launch(la):
         return
     from neox.config.validate import input_files_exist, precision_runs_here
 
     input_files_exist(args)  # every rank runs here: fail before starting them
-    precision_runs_here(args, detect_local_gpus())
-    if la.num_gpus and la.num_gpus > 0:
-        return
     gpus = detect_local_gpus()
-    if gpus and gpus != args.parallel.world_size:
+    precision_runs_here(args, gpus)
+    world = args.parallel.world_size
+    if gpus == 0:
+        asked = f"num_gpus={la.num_gpus}" if la.num_gpus and la.num_gpus > 0 else "model_parallel_size x pipeline stages"
+        print(f"neox: no GPU visible: starting {world} CPU rank(s) with gloo ({asked}; without GPUs num_gpus "
+              "counts CPU ranks)", file=sys.stderr, flush=True)
+    elif la.num_gpus and la.num_gpus > gpus:
+        raise ConfigError(f"num_gpus: {la.num_gpus} GPUs asked but this machine has {gpus} visible "
+                          "(CUDA_VISIBLE_DEVICES / nvidia-smi); lower num_gpus or use a hostfile")
+    elif not (la.num_gpus and la.num_gpus > 0) and gpus != world:
         raise ConfigError(
-            f"num_gpus: this machine has {gpus} GPUs but the config needs {args.parallel.world_size} ranks "
+            f"num_gpus: this machine has {gpus} GPUs but the config needs {world} ranks "
             f"(model_parallel_size x pipeline stages); set num_gpus or use a hostfile"
         )
 
 
+def release_shm_buffers(port: int) -> None:
+    """Unlink the /dev/shm buffers of DeepSpeed's CPU all-reduce that ranks meeting on ``port`` left
+    (a rank that was killed never releases its own; see neox.training.pretrain.shutdown)."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def launch(args: NeoXArgs, user_script: str, user_args: list[str] | None = None) -> int:
-    """Start the ranks and wait; returns the exit code."""
+    """Start the ranks and wait until none is left; returns their exit status. SIGINT/SIGTERM make the
+    ranks save at the next step boundary and stop (neox.process_tree)."""
     check_launchable(args)
-    cmd = build_launch_command(args, user_script, user_args)
+    la = args.launcher
+    local = is_local_launch(la)
+    # chosen (or checked) once: the runner's flag and the ranks' config must name the same port
+    args = dataclasses.replace(args, launcher=dataclasses.replace(la, master_port=launch_port(la, check=True)))
+    config_path = config_file_path(args, local)
+    cmd = build_launch_command(args, user_script, user_args, config_path=config_path)
     if "deepspeed.launcher.runner" in cmd and importlib.util.find_spec("deepspeed") is None:
         raise NeoXError("deepspeed is not installed: run bash scripts/install.sh")
     env = launch_env(args)
     env_file = None
-    if args.launcher.hostfile and parse_hostfile(args.launcher.hostfile) and "WANDB_API_KEY" in env:
+    if la.hostfile and parse_hostfile(la.hostfile) and "WANDB_API_KEY" in env:
         env_file = env["DS_ENV_FILE"] = _export_file(env, ["WANDB_API_KEY"])
         # the runner logs its pdsh/mpirun command, exports included, at INFO: keep the key out of the log
         cmd.insert(cmd.index("deepspeed.launcher.runner") + 1, "--log_level=warning")
+    from neox.process_tree import run_tree
+
+    write_config_file(args, config_path)
     try:
-        return subprocess.run(cmd, env=env).returncode
+        return run_tree(cmd, env)
     except FileNotFoundError as err:
         raise ConfigError(f"launcher: cannot run {cmd[0]!r} ({err.strerror})") from err
     finally:
-        if env_file:
-            os.unlink(env_file)
-
-
-# ---- on the ranks ---------------------------------------------------------------------------
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    match = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
-    return (match.group(1) + (match.group(2) or "")) if match else "127.0.0.1"
-
-
-def slurm_env_to_torch(environ: dict[str, str] | os._Environ, master_port: int) -> None:
-    """On an srun-started rank, set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* from SLURM's variables."""
-    if "SLURM_PROCID" not in environ or "RANK" in environ:
-        return
-    environ["RANK"] = environ["SLURM_PROCID"]
-    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
-    environ["WORLD_SIZE"] = environ.get("SLURM_NTASKS", "1")
-    environ.setdefault("MASTER_PORT", str(master_port))
-    if "MASTER_ADDR" not in environ:
-        environ["MASTER_ADDR"] = _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        for path in filter(None, (env_file, config_path)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if local:
+            release_shm_buffers(args.launcher.master_port)

@@ -45,16 +45,30 @@ Derived values (filled in when left out): `num_kv_heads` (= heads), `max_positio
 ## Launching
 
 `python deepy.py [--dry-run] USER_SCRIPT [-d CONF_DIR] CONF [CONF ...]` resolves the files and starts the
-ranks; each rank receives the resolved config on its command line (`--neox_args`, base64 JSON) and never
-reads YAML. `--dry-run` prints `{"args", "deepspeed_config", "launch_command", "warnings"}` as one JSON
+ranks; each rank receives the resolved config as a JSON file named on its command line (`--neox_args_file
+PATH`, mode 0600, removed when the run ends) and never reads YAML. The file is in the temporary directory when
+every rank runs on this machine, and in the run folder every node sees (`log_dir`, else `save`, else the
+current directory, where pdsh and srun start the ranks) for a hostfile or srun launch. A rank started by hand
+may take it inline as `--neox_args <base64 JSON>`, as GPT-NeoX passes `--megatron_config`. `--dry-run` prints `{"args", "deepspeed_config", "launch_command", "warnings"}` as one JSON
 object and exits 0: each data, tokenizer or checkpoint path not found here (the launch refuses it) is a
 warning, in `warnings` and one line on stderr, since a login node may not see the cluster's files.
 
-- The world size is planned as DeepSpeed's runner will start it: `num_gpus` x `num_nodes`, or the slots
-  of a readable `hostfile` (after `include`/`exclude`/`num_nodes`/`num_gpus`), or every visible GPU. On a
-  machine without GPUs, `num_gpus` CPU ranks (default: `model_parallel_size` x max(`pipe_parallel_size`, 1)).
+- deepy.py plans the world size as DeepSpeed's runner will start it (`neox.launcher.planned_world_size`,
+  passed to `NeoXArgs.from_ymls`): `num_gpus` x `num_nodes`, or the slots of a readable `hostfile` (after
+  `include`/`exclude`/`num_nodes`/`num_gpus`), or every visible GPU. On a machine without GPUs, `num_gpus` CPU
+  ranks (default: `model_parallel_size` x max(`pipe_parallel_size`, 1)). Resolving a config alone runs no
+  `nvidia-smi`, reads no hostfile and no environment variable: `world_size` passed in, else `num_gpus` x
+  `num_nodes`, else `model_parallel_size` x stages.
+- `num_gpus` above the GPUs visible here is refused in one line; on a machine without GPUs `num_gpus` is the
+  number of CPU ranks, and the launch says so in one line.
+- `master_port` unset: a free port for a run whose ranks are all on this machine (two runs on one host do not
+  collide), 29500 with a hostfile or srun (every node must agree on it). A `master_port` you set that is in
+  use here is a one-line error naming `master_port`.
 - `launcher: slurm` with `deepspeed_slurm: true` runs `srun` (one task per GPU); ranks take their rank and
   world size from SLURM's variables.
+- SIGTERM or SIGINT (Ctrl-C) to deepy.py goes to the ranks (through DeepSpeed's runner and launcher, which
+  run in a session of their own): they save at the next step boundary and stop, and deepy.py exits with their
+  status once no process of the run is left. A second signal kills them.
 - A W&B key in `WANDB_API_KEY` or `~/.netrc` reaches the ranks and is never printed.
 - DeepSpeed 0.19 refuses bf16 with `data_types.grad_accum_dtype: fp32` at ZeRO stage 0: such configs run at
   stage 1 and deepy.py says so.

@@ -5,12 +5,12 @@ Flow: loader (files -> flat dict) -> from_flat (keys, types) -> derive -> valida
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
 import sys
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,9 @@ from neox.config.parallel import ParallelConfig
 from neox.config.run import CheckpointConfig, LauncherConfig, LoggingConfig, TextGenConfig, TrainingConfig
 from neox.config.vocab import probe_vocab_size
 from neox.errors import ConfigError
+
+WorldPlanner = Callable[[Mapping[str, Any]], tuple[int, "str | None"]]
+"""The launcher's answer to "how many ranks will this config get": (ranks, a note when it assumed)."""
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,14 @@ class NeoXArgs:
         *,
         conf_dir: str | None = None,
         world_size: int | None = None,
+        plan_world: WorldPlanner | None = None,
     ) -> NeoXArgs:
         """Load NeoX YAML files (merged left to right), derive, validate and freeze.
 
-        ``overwrite_values`` (flat keys) win over the files. ``world_size`` defaults to what the
-        launcher will start (num_gpus x nodes, a hostfile, or the GPUs of this machine).
+        ``overwrite_values`` (flat keys) win over the files. The world size is ``world_size``, else what
+        ``plan_world`` (the launcher's ``planned_world_size``, given the typed flat keys) answers, else
+        num_gpus x num_nodes when num_gpus is set, else model_parallel_size x pipeline stages. Resolving
+        itself looks at no GPU, hostfile or environment variable: the caller passes them in.
         """
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
@@ -68,7 +74,7 @@ class NeoXArgs:
         for key, value in (overwrite_values or {}).items():
             values[keys.canonical(key)] = value
             sources[keys.canonical(key)] = "overwrite_values"
-        return cls.from_flat(values, sources=sources, world_size=world_size)
+        return cls.from_flat(values, sources=sources, world_size=world_size, plan_world=plan_world)
 
     @classmethod
     def from_flat(
@@ -78,26 +84,29 @@ class NeoXArgs:
         sources: dict[str, str] | None = None,
         world_size: int | None = None,
         vocab_size: int | None = None,
+        plan_world: WorldPlanner | None = None,
     ) -> NeoXArgs:
-        """Build from flat NeoX keys (dashes and aliases allowed). Derived values already present are kept."""
-        args, notes = cls._resolve(values, sources or {}, world_size, vocab_size)
+        """Build from flat NeoX keys (dashes and aliases allowed). Derived values already present are kept.
+        ``world_size`` / ``plan_world`` as in ``from_ymls``."""
+        args, notes = cls._resolve(values, sources or {}, world_size, vocab_size, plan_world)
         for note in notes:
             print(f"neox: warning: {note}", file=sys.stderr)
         return args
 
     @classmethod
     def _resolve(
-        cls, values: dict[str, Any], sources: dict[str, str], world_size: int | None, vocab_size: int | None
+        cls, values: dict[str, Any], sources: dict[str, str], world_size: int | None, vocab_size: int | None,
+        plan_world: WorldPlanner | None,
     ) -> tuple[NeoXArgs, list[str]]:
         fallback = next(iter(sources.values()), "<config>")
         try:
             flat, extra = _split_and_coerce(values)
             notes: list[str] = []
-            if world_size is None:
-                from neox.launcher import planned_world_size
-
-                world_size, note = planned_world_size(flat)
+            if world_size is None and plan_world is not None:
+                world_size, note = plan_world(flat)
                 notes += [note] if note else []
+            elif world_size is None:
+                world_size = default_world_size(flat)
             if flat["padded_vocab_size"] is None and vocab_size is None:
                 vocab_size = probe_vocab_size(flat["tokenizer_type"], flat["vocab_file"])
             flat, derive_notes = derive.derive_all(flat, world_size, vocab_size)
@@ -114,24 +123,6 @@ class NeoXArgs:
             for name, section_cls in keys.SECTIONS.items()
         }
         return cls(**sections, compat=extra)
-
-    @classmethod
-    def from_launcher(cls, argv: list[str] | None = None) -> NeoXArgs:
-        """What every rank calls: the resolved config the launcher passed (``--neox_args``), re-derived
-        with this rank's WORLD_SIZE. Ranks never read YAML."""
-        from neox.launcher import ARGS_FLAG, decode_config, slurm_env_to_torch
-
-        parser = argparse.ArgumentParser(add_help=False)
-        parser.add_argument(ARGS_FLAG, required=True)
-        parser.add_argument("--local_rank", type=int, default=None)
-        known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        flat = decode_config(getattr(known, ARGS_FLAG.lstrip("-")))
-        if flat.get("deepspeed_slurm"):
-            slurm_env_to_torch(os.environ, flat.get("master_port", 29500))
-        if known.local_rank is not None:
-            os.environ.setdefault("LOCAL_RANK", str(known.local_rank))
-        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else flat.get("world_size")
-        return cls.from_flat(flat, sources={k: "<launcher>" for k in flat}, world_size=world)
 
     # ---- views --------------------------------------------------------------------------------
 
@@ -156,6 +147,16 @@ class NeoXArgs:
         from neox.config.deepspeed import build_deepspeed_config
 
         return build_deepspeed_config(self)
+
+
+def default_world_size(flat: Mapping[str, Any]) -> int:
+    """The world size without a launcher's plan: num_gpus on each of num_nodes nodes when num_gpus is
+    set, else the smallest world the model fits (model_parallel_size x pipeline stages)."""
+    num_gpus, num_nodes = flat.get("num_gpus"), flat.get("num_nodes") or -1
+    if num_gpus and num_gpus > 0:
+        return num_gpus * max(num_nodes, 1)
+    model_ranks = int(flat.get("model_parallel_size") or 1) * max(int(flat.get("pipe_parallel_size") or 0), 1)
+    return max(model_ranks, num_nodes)
 
 
 def _field_hints() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from neox.config import compat
+from neox.config import compat, fast_path
 
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
@@ -104,5 +104,6 @@ def build_deepspeed_config(args: NeoXArgs) -> dict[str, Any]:
     for key in compat.DEEPSPEED_PASSTHROUGH:
         if key in args.compat and key != "deepspeed_extra_args" and args.compat[key] is not None:
             config[key] = copy.deepcopy(args.compat[key])
+    fast_path.deepspeed_overrides(args, config)
     config.update(copy.deepcopy(args.compat.get("deepspeed_extra_args") or {}))
     return config

@@ -201,12 +201,23 @@ def derive_precision(v: dict[str, Any], notes: list[str]) -> None:
     v["precision"], v["fp16"], v["bf16"] = precision, fp16, bf16
     zero = dict(v["zero_optimization"] or {})
     accum = str((v["data_types"] or {}).get("grad_accum_dtype", "")).lower()
-    if precision == "bfloat16" and accum in ("fp32", "float32", "float") and int(zero.get("stage", 0)) == 0:
+    if (precision == "bfloat16" and accum in ("fp32", "float32", "float") and int(zero.get("stage", 0)) == 0
+            and not _takes_master_weights(v, precision, zero)):
         zero["stage"] = 1
         notes.append(
             "zero_optimization.stage 0 -> 1: DeepSpeed refuses bf16 with grad_accum_dtype fp32 at stage 0"
         )
     v["zero_optimization"] = zero
+
+
+def _takes_master_weights(v: dict[str, Any], precision: str, zero: dict[str, Any]) -> bool:
+    """neox's master-weight optimizer accumulates in fp32 itself, so stage 0 stays (fast_path)."""
+    from neox.config.fast_path import master_weights_for
+
+    return master_weights_for(
+        setting=v.get("optimizer_master_weights"), precision=precision, zero=zero, dp=v.get("data_parallel_size") or 1,
+        pp=v.get("pipe_parallel_size") or 0, optimizer_type=str((v.get("optimizer") or {}).get("type", "AdamW")),
+        fp32_residual=bool(v.get("fp32_residual_connection"))).enabled
 
 
 def derive_all(

@@ -86,8 +86,8 @@ class PrecisionConfig:
     fp16_lm_cross_entropy: bool = False
     """Compute the LM cross entropy in half precision."""
 
-    optimizer_master_weights: bool = False
-    """neox: with precision fp32 and torch_autocast in bf16 (ZeRO stage 0, no pipeline engine, Adam), the model holds bf16 parameters and the optimizer their fp32 master weights, updated and written back in one compiled pass: no per-step weight casts or fp32 gradient copies (measured on an H100: docs/performance.md). Gradients are bf16, so gradient_accumulation_steps > 1 also needs data_types.grad_accum_dtype bf16."""
+    optimizer_master_weights: bool | None = None
+    """neox: the model holds bf16 parameters and neox's optimizer their fp32 master weights and Adam moments, updated and written back in one compiled pass: no per-step weight casts or fp32 gradient copies (measured faster on an H100/H200: docs/performance.md). None (unset): on for precision bfloat16 without a pipeline engine at ZeRO stage 0, or stage 1 with one data-parallel rank (instead of DeepSpeed's bf16 optimizer), else off; the run's first log lines say which. true: also with precision fp32 + torch_autocast bf16; needs ZeRO stage 0 (or 1 at data parallel 1), pipe_parallel_size 0 and Adam/AdamW. With gradient_accumulation_steps > 1 the micro-batches' bf16 gradients are summed in fp32 buffers (data_types.grad_accum_dtype bf16: in the bf16 gradients instead). false: DeepSpeed's bf16 optimizer / fp32 parameters."""
 
     fp8_recipe: Literal["tensorwise", "rowwise"] | None = None
     """neox: train the transformer-block linears (attention query_key_value and dense, MLP linear1 and linear2; not the embedding or the output layer) in FP8 with torchao's float8 training: 'tensorwise' (one dynamic scale per tensor, e4m3 forward, e5m2 gradients) or 'rowwise' (dynamic scales per row, e4m3 throughout, power-of-two scales). Each tensor-parallel rank runs its shard's matmul in FP8; the collectives, parameters, optimizer and checkpoints stay as without it. Needs a GPU with FP8 tensor cores (compute capability 8.9+: H100, H200, L40S) and torchao. None: no FP8 (the te_* keys can still turn it on)."""

@@ -219,10 +219,10 @@ class LauncherConfig:
     """Nodes to use (-1: all in the hostfile, 1 without one)."""
 
     num_gpus: int | None = None
-    """Ranks per node (-1 or None: every visible GPU; on a machine without GPUs, 1)."""
+    """Ranks per node (-1 or None: every visible GPU); more than this machine's GPUs is refused at launch. On a machine without GPUs, the number of CPU ranks (unset: model_parallel_size x pipeline stages)."""
 
-    master_port: int = 29500
-    """Rendezvous port."""
+    master_port: int | None = None
+    """Rendezvous port (unset: a free port for a run on this machine alone; 29500 with a hostfile or srun, where every node must agree on it)."""
 
     master_addr: str | None = None
     """Rendezvous address (None: the first host)."""

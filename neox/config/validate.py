@@ -151,32 +151,34 @@ def compile_settings(a: NeoXArgs) -> None:
 
 
 def master_weights_setup(a: NeoXArgs) -> None:
-    """``optimizer_master_weights`` replaces autocast's fp32 parameters; it needs that setup."""
+    """``optimizer_master_weights: true`` needs a setup it can replace (unset, neox chooses: fast_path)."""
     if not a.precision.optimizer_master_weights:
         return
+    from neox.config.fast_path import MASTER_OPTIMIZERS, offloads_optimizer
+
     autocast = a.compat.get("torch_autocast") or {}
     dtype = str(autocast.get("dtype", "bfloat16")).replace("torch.", "")
+    fp32_autocast = a.precision.precision == "fp32" and bool(autocast.get("enabled")) and dtype in ("bfloat16", "bf16")
+    stage, dp = int(a.optim.zero_optimization.get("stage", 0)), a.parallel.data_parallel_size or 1
     needs = {
-        "precision": (a.precision.precision == "fp32", f"needs precision fp32 (got {a.precision.precision})"),
-        "torch_autocast": (bool(autocast.get("enabled")) and dtype in ("bfloat16", "bf16"),
-                           "needs torch_autocast {enabled: true, dtype: bfloat16}"),
-        "zero_optimization": (int(a.optim.zero_optimization.get("stage", 0)) == 0,
-                              f"needs zero_optimization.stage 0 (got {a.optim.zero_optimization.get('stage')})"),
+        "precision": (a.precision.precision in ("bfloat16", "fp32"),
+                      f"needs precision bfloat16, or fp32 with torch_autocast in bf16 (got {a.precision.precision})"),
+        "torch_autocast": (a.precision.precision != "fp32" or fp32_autocast,
+                           "needs torch_autocast {enabled: true, dtype: bfloat16} with precision fp32 (or precision bfloat16)"),
+        "zero_optimization": (stage == 0 or (stage == 1 and dp == 1),
+                              f"needs zero_optimization.stage 0, or 1 at data parallel 1 (got stage {stage} at data "
+                              f"parallel {dp}); the fp32 masters are replicated on every data-parallel rank"),
         "pipe_parallel_size": (a.parallel.pipe_parallel_size == 0,
                                f"needs pipe_parallel_size 0 (got {a.parallel.pipe_parallel_size})"),
-        "optimizer": (str((a.optim.optimizer or {}).get("type", "AdamW")).lower() in ("adam", "adamw", "fusedadam"),
+        "optimizer": (str((a.optim.optimizer or {}).get("type", "AdamW")).lower() in MASTER_OPTIMIZERS,
                       f"needs optimizer.type Adam or AdamW (got {(a.optim.optimizer or {}).get('type')})"),
+        "offload_optimizer": (not offloads_optimizer(a.optim.zero_optimization), "does not offload the optimizer to the CPU"),
         "fp32_residual_connection": (not a.model.fp32_residual_connection,
                                      "with bf16 parameters the residual stream is bf16; unset fp32_residual_connection"),
     }
     for key, (ok, why) in needs.items():
         if not ok:
             raise key_error(("optimizer_master_weights", key), why)
-    accum = str((a.precision.data_types or {}).get("grad_accum_dtype", "")).lower()
-    if a.training.gradient_accumulation_steps > 1 and accum not in ("bf16", "bfloat16"):
-        raise key_error(("optimizer_master_weights", "gradient_accumulation_steps"),
-                        f"gradients are bf16, so gradient_accumulation_steps {a.training.gradient_accumulation_steps} would "
-                        "accumulate them in bf16; set data_types.grad_accum_dtype: bf16 to accept that, or accumulate 1")
 
 
 def mixture_weights_match_paths(a: NeoXArgs) -> None:
@@ -219,9 +221,10 @@ def numeric_ranges(a: NeoXArgs) -> None:
         ("weight_decay", o.weight_decay >= 0, "expected a number >= 0"),
         ("gradient_clipping", o.gradient_clipping >= 0, "expected a number >= 0 (0: no clipping)"),
         ("max_nan_iterations", a.training.max_nan_iterations >= 0, "expected an integer >= 0 (0: never stop)"),
-        ("master_port", 0 < a.launcher.master_port < 65536, "expected a TCP port in [1, 65535]"),
         ("peak_theoretical_tflops", a.logging.peak_theoretical_tflops is None or a.logging.peak_theoretical_tflops > 0,
          "expected a positive number of TFLOP/s"),
+        ("master_port", a.launcher.master_port is None or 0 < a.launcher.master_port < 65536,
+         "expected a TCP port in [1, 65535] (or unset: chosen at launch)"),
         ("profile_step_start", not a.logging.profile or a.logging.profile_step_start >= 0,
          "expected an iteration >= 0"),
         ("profile_step_stop", not a.logging.profile or a.logging.profile_step_stop > a.logging.profile_step_start,

@@ -45,12 +45,14 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     parameters once; the squared norm is summed over the tensor-parallel group. Gradients are
     already identical across data-parallel ranks when this runs (after the engine's all-reduce).
     """
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
+    # MasterWeightAdamW accumulating in fp32 holds the step's gradients in its fp32 sums
+    pairs = (optimizer.gradients(parameters) if isinstance(optimizer, MasterWeightAdamW)
+             else [(p, p.grad) for p in parameters if p.grad is not None])
+    if not pairs:
         return torch.zeros(())
-    grads = [p.grad for p in params]
+    grads = [g for _, g in pairs]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    counted = [p.grad for p in params if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+    counted = [g for p, g in pairs if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
     # fp32 norms of bf16 gradients: a bf16 norm keeps 3 significant digits.
     norms = torch._foreach_norm(counted, 2, dtype=torch.float32) if counted else [torch.zeros((), device=grads[0].device)]
     total_sq = torch.stack(norms).square().sum()

@@ -16,6 +16,7 @@ from neox.errors import NeoXError
 from neox.logging import MetricsLogger, max_memory_gib
 from neox.training import flops
 from neox.training.eval import evaluate
+from neox.training.fast_path import FirstStepTimer
 from neox.training.preemption import StopRequests
 from neox.training.profiler import IterationProfiler
 from neox.training.state import TrainState
@@ -204,10 +205,12 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
     launched, pending = state.iteration, None
     window_start, paused = time.perf_counter(), 0.0
+    first_step = FirstStepTimer(ctx.args.model.torch_compile, ctx.device, rank)
     while launched < (tcfg.train_iters or 0):
         profiler.before(launched)
         step = _step(ctx, source)
         profiler.after(launched, ctx.device)
+        first_step.done()
         launched += 1
         if pending is not None:
             _, nan_run = _settle(ctx, state, pending, win, nan_run)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from neox.config import NeoXArgs
+from neox.config import NeoXArgs, fast_path
 from neox.errors import ConfigError
 from neox.training.grad_clip import uses_own_clipping
 from neox.training.master_weights import MasterWeightAdamW, to_half_parameters
@@ -62,8 +62,9 @@ def _installed_op(name: str) -> bool:
 def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.optim.Optimizer:
     """Adam(W) or SGD over ``param_groups``, the fastest implementation this machine has.
 
-    With ``optimizer_master_weights`` the model's parameters are converted to bf16 here, in place,
-    and the optimizer is ``MasterWeightAdamW``, which keeps their fp32 masters.
+    With master weights (``optimizer_master_weights``, or neox's choice for bf16: config.fast_path)
+    the model's parameters are converted to bf16 here, in place, and the optimizer is
+    ``MasterWeightAdamW``, which keeps their fp32 masters.
     """
     spec = args.optim.optimizer or {"type": "AdamW", "params": {}}
     kind = str(spec.get("type", "AdamW")).lower()
@@ -77,9 +78,17 @@ def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device
         raise ConfigError(f"optimizer.type: expected Adam, AdamW or SGD, got {spec.get('type')!r}")
     betas = tuple(params.get("betas", (0.9, 0.999)))
     eps = float(params.get("eps", 1e-8))
-    if args.precision.optimizer_master_weights:
+    if fast_path.master_weights_choice(args).enabled:
         to_half_parameters(model, torch.bfloat16)
-        return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, compile=device.type == "cuda")
+        fp32_sums = fast_path.accumulates_in_fp32(args)
+        dp_group = None
+        if fp32_sums and (args.parallel.data_parallel_size or 1) > 1:
+            from megatron_core import parallel_state
+
+            dp_group = parallel_state.get_data_parallel_group()
+        return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, compile=device.type == "cuda",
+                                 accumulate_fp32=fp32_sums, skip_nonfinite=fast_path.skips_nonfinite(args),
+                                 dp_group=dp_group)
     offload = _offloads_optimizer(args.optim.zero_optimization)
     if kind == "cpu_adam" and (offload or device.type == "cpu") or offload and _installed_op("cpu_adam"):
         # prebuilt, or named (GPT-NeoX's cpu_adam): DeepSpeed's CPU Adam, JIT-compiled on first use if need be

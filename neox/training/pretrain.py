@@ -214,9 +214,11 @@ def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_for(args, optimizer),
         mpu=None if is_pipe else parallel_state, dist_init_required=False,
     )
-    if not is_pipe and not engine.zero_optimization() and parallel_state.get_data_parallel_world_size() == 1:
+    if getattr(optimizer, "reduces_gradients", False) or (
+            not is_pipe and not engine.zero_optimization() and parallel_state.get_data_parallel_world_size() == 1):
         # One data-parallel rank has nothing to reduce, but DeepSpeed's ZeRO-0 engine still copies
         # every gradient through its all-reduce buckets (measured ~14 ms a step at 1.1B on an H100).
+        # MasterWeightAdamW accumulating in fp32 all-reduces its fp32 sums itself.
         engine.enable_backward_allreduce = False
     return engine, scheduler
 
@@ -305,6 +307,11 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     """Train the model ``args`` describes; every rank calls this (train.py, or a test's spawned rank)."""
     args, device, tokenizer = _prepare(args)
     from neox.model.loss import lm_loss
+    from neox.training.fast_path import resolve_on_rank
+
+    args, notes = resolve_on_rank(args, device, resume_from_save(args).checkpoint.load)
+    if dist.get_rank() == 0:
+        print("\n".join(f"neox: {note}" for note in notes), flush=True)
 
     model = build_model(args, device)
     engine, _ = build_engine(args, model, device)

@@ -118,6 +118,7 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
     engine.train()
     losses = []
     own_norm = None
+    accumulate = getattr(engine.optimizer, "accumulate", None)
     for _ in range(engine.gradient_accumulation_steps()):
         t = time.perf_counter()
         tokens, labels, loss_mask = get_batch(next(data_iter), eod, eod_mask_loss, device)
@@ -125,8 +126,11 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
         loss = loss_fn(engine(tokens), labels, loss_mask)
         t = timer.mark("forward", t)
         engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        if accumulate is not None:
+            accumulate(boundary)  # fp32 gradient sums (MasterWeightAdamW); all-reduced at the boundary
         t = timer.mark("backward", t)
-        boundary_clip = engine.is_gradient_accumulation_boundary() and _own_clipping(engine)
+        boundary_clip = boundary and _own_clipping(engine)
         if boundary_clip:
             own_norm = clip_grad_norm_(engine.module.parameters(), grad_clip, engine.optimizer)
         engine.step()

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 USER_SCRIPT = '''
 import hashlib, json, os, sys
-from neox.config import NeoXArgs
+from neox.handoff import rank_args
 import torch.distributed as dist
 
-args = NeoXArgs.from_launcher()
+args = rank_args()
 flat = args.to_flat()
 digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 dist.init_process_group("gloo")

@@ -95,3 +95,46 @@ def test_compiled_master_weight_adamw_matches_eager():
         torch.testing.assert_close(opt_c.state[b]["exp_avg_sq"], opt_e.state[a]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         assert b.dtype == torch.bfloat16
         assert (b.float() - a.float()).abs().max() <= 2 ** -7 * a.float().abs().max()
+
+
+def test_unset_keys_compile_and_a_restart_compiles_warm(tmp_path):
+    """A GPT-NeoX-style bf16 config (no torch_compile / optimizer_master_weights keys) through
+    deepy.py twice with one save dir: the first run's log says cold, the restart's says warm (its
+    graphs come from Inductor's cache under {save}/.cache/torchinductor)."""
+    import json
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.distributed.launch import free_port
+    from tests.distributed.test_train_parity import make_corpus, tiny_flat
+
+    root = Path(__file__).resolve().parents[2]
+    flat = tiny_flat(make_corpus(tmp_path), precision="bfloat16", bf16={"enabled": True},
+                     zero_optimization={"stage": 1}, train_iters=3, num_gpus=1, save=str(tmp_path / "ckpt"))
+    conf = tmp_path / "neox_bf16.yml"
+    lines = []
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    for _ in range(2):
+        conf.write_text(json.dumps({**flat, "checkpoint_factor": 1000, "master_port": free_port()}))
+        out = subprocess.run([sys.executable, str(root / "deepy.py"), "train.py", str(conf)], cwd=root,
+                             env={**env, "CUDA_VISIBLE_DEVICES": "0"}, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        log = out.stdout + out.stderr
+        assert "torch.compile on (torch_compile unset" in log and "fp32 master weights (fast path" in log
+        found = re.search(r"first step [\d.]+ s with torch\.compile \((\w[\w ]*): (\d+) compiled graphs from "
+                          r"Inductor's cache, (\d+) compiled anew; cache (\S+)\)", log)
+        assert found, log[-3000:]
+        lines.append(found)
+        # the restart trains afresh (no checkpoint to resume) with the same save dir, so the same cache
+        for tag in (tmp_path / "ckpt").glob("global_step*"):
+            shutil.rmtree(tag)
+        (tmp_path / "ckpt" / "latest").unlink(missing_ok=True)
+    cold, warm = lines
+    assert cold.group(1) == "cold" and int(cold.group(3)) > 0
+    assert cold.group(4).startswith(str(tmp_path / "ckpt" / ".cache" / "torchinductor"))
+    assert int(warm.group(2)) > 0 and int(warm.group(3)) < int(cold.group(3))

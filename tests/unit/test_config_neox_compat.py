@@ -87,8 +87,10 @@ def test_llemma_published_values(capsys):
     assert a["gradient_accumulation_steps"] == 2 and a["lr"] == 1e-4 and a["lr_decay_iters"] == 48000
     assert a["min_lr"] == pytest.approx(0.033 * 1e-4) and a["warmup_iters"] == 500
     assert a["train_data_weights"] == [2, 4, 1, 0.147368, 0.221053] and len(a["valid_data_paths"]) == 3
-    assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"] == {"enabled": True}
-    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert a["zero_optimization"]["stage"] == 1 and a["bf16"] == {"enabled": True}
+    assert a["data_types"] == {"grad_accum_dtype": "fp32"} and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    # at tensor parallel 2 on 2 GPUs (data parallel 1) neox's fp32-master optimizer replaces DeepSpeed's bf16 one
+    assert (ds["bf16"] == {"enabled": False}) == (a["data_parallel_size"] == 1)
     assert r["launch_command"][0] == "srun"
     big = NeoXArgs.from_ymls([str(ROOT / "configs/llemma_34b.yml")], world_size=64)
     assert (big.parallel.model_parallel_size, big.model.num_layers, big.model.hidden_size) == (8, 48, 8192)

@@ -40,6 +40,8 @@ def test_dry_run_prints_one_json_object_and_keeps_secrets(conf, tmp_path):
     assert all("-" not in key for key in report["args"])  # underscored keys
     assert report["deepspeed_config"]["train_batch_size"] == 4
     assert report["launch_command"][1:4] == ["-m", "deepspeed.launcher.runner", "--master_port"]
+    assert report["launch_command"][-2] == "--neox_args_file"  # the config's path, not the config (item 7)
+    assert len(" ".join(report["launch_command"])) < 400
     assert "very-secret-key-123" not in out.stdout + out.stderr
 
 

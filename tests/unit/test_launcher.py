@@ -1,20 +1,29 @@
-"""Launch commands for local CPU/GPU ranks, a hostfile, and srun; W&B key handling; the rank side."""
+"""Launch commands for local CPU/GPU ranks, a hostfile, and srun; W&B key handling; the rank side;
+the rendezvous port; num_gpus against the GPUs of this machine."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from neox.config import NeoXArgs
+from neox.errors import ConfigError
+from neox.handoff import decode_config, encode_config, rank_args, slurm_env_to_torch, write_config_file
 from neox.launcher import (
     build_launch_command,
-    decode_config,
-    encode_config,
+    check_launchable,
     filter_hosts,
+    launch,
     launch_env,
+    launch_port,
     parse_hostfile,
-    slurm_env_to_torch,
+    planned_world_size,
     wandb_api_key,
 )
 
@@ -30,15 +39,18 @@ def no_gpus(monkeypatch):
 
 
 def resolve(**values):
-    return NeoXArgs.from_flat({**MODEL, **values})  # world size planned as the launcher would
+    return NeoXArgs.from_flat({**MODEL, **values}, plan_world=planned_world_size)  # as deepy.py resolves
 
 
 def test_local_cpu_ranks_command():
+    # the config travels as a file (issue 18 item 7): the command names its path, not a base64 --neox_args
     args = resolve(num_gpus=2, master_port=29600)
     cmd = build_launch_command(args, "train.py", python="py")
     assert cmd[:-1] == ["py", "-m", "deepspeed.launcher.runner", "--master_port", "29600", "--num_gpus", "2",
-                        "train.py", "--neox_args"]
-    assert decode_config(cmd[-1]) == args.to_flat()
+                        "train.py", "--neox_args_file"]
+    path = Path(cmd[-1])
+    assert path.parent == Path(tempfile.gettempdir()) and path.suffix == ".json"  # every rank is on this machine
+    assert len(" ".join(cmd)) < 300
     assert args.parallel.world_size == 2
 
 
@@ -58,7 +70,11 @@ def test_too_few_gpus_plans_the_model_and_refuses_to_launch(monkeypatch):
     assert args.parallel.world_size == 8
     with pytest.raises(ConfigError, match="this machine has 4 GPUs but the config needs 8 ranks"):
         launch(args, "train.py")
-    check_launchable(resolve(model_parallel_size=8, num_attention_heads=8, num_gpus=8))  # explicit num_gpus is the user's call
+    # issue 18 item 9: num_gpus above the visible GPUs is refused too, in one line naming the key
+    with pytest.raises(ConfigError, match=r"^num_gpus: 8 GPUs asked but this machine has 4 visible") as err:
+        check_launchable(resolve(model_parallel_size=8, num_attention_heads=8, num_gpus=8))
+    assert "\n" not in str(err.value)
+    check_launchable(resolve(num_gpus=2))  # fewer than visible: the user's call
 
 
 def test_hostfile_command_and_world_size(tmp_path):
@@ -91,14 +107,18 @@ def test_missing_hostfile_falls_back_to_local(tmp_path):
     assert args.parallel.world_size == 1
 
 
-def test_slurm_srun_command():
+def test_slurm_srun_command(tmp_path):
+    # the config travels as a file in the run folder every node sees (issue 18 item 7), not as --neox_args
     args = resolve(launcher="slurm", deepspeed_slurm=True, num_gpus=8, num_nodes=2, model_parallel_size=2,
-                   comment="neox", account="proj")
+                   comment="neox", account="proj", log_dir=str(tmp_path / "logs"))
     assert args.parallel.world_size == 16
     cmd = build_launch_command(args, "train.py", python="py")
     assert cmd[:-1] == ["srun", "--ntasks=16", "--nodes=2", "--ntasks-per-node=8", "--comment=neox",
-                        "--account=proj", "--export=ALL", "py", "-u", "train.py", "--neox_args"]
-    assert decode_config(cmd[-1])["world_size"] == 16
+                        "--account=proj", "--export=ALL", "py", "-u", "train.py", "--neox_args_file"]
+    assert Path(cmd[-1]).parent == tmp_path / "logs"
+    assert args.launcher.master_port is None and "--master_port" not in cmd  # srun ranks: 29500 (handoff)
+    without_run_folder = build_launch_command(resolve(deepspeed_slurm=True, launcher="slurm", num_gpus=2), "t.py")
+    assert Path(without_run_folder[-1]).parent == Path.cwd()  # where srun starts the ranks
 
 
 def test_slurm_env_becomes_torch_env():
@@ -131,17 +151,25 @@ def test_launch_env_carries_the_key_not_the_command(tmp_path, monkeypatch):
     assert "secret-from-netrc" not in " ".join(build_launch_command(args, "train.py"))
 
 
-def test_config_encoding_round_trip_and_from_launcher(monkeypatch):
+def test_config_file_and_inline_config_reach_the_rank(tmp_path, monkeypatch):
     args = resolve(num_gpus=2)
     flat = args.to_flat()
+    path = tmp_path / "run" / "neox_args-x.json"
+    write_config_file(args, path)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(flat)) and path.stat().st_mode & 0o777 == 0o600
     assert decode_config(encode_config(flat)) == flat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    rank_args = NeoXArgs.from_launcher(["--local_rank=1", "--neox_args", encode_config(flat)])
-    assert rank_args == args
+    assert rank_args(["--local_rank=1", "--neox_args_file", str(path)]) == args
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert rank_args(["--neox_args", encode_config(flat)]) == args  # inline, for a rank started by hand
     monkeypatch.setenv("WORLD_SIZE", "4")  # more ranks than planned: the batch no longer adds up
     with pytest.raises(Exception, match="train_batch_size"):
-        NeoXArgs.from_launcher(["--neox_args", encode_config(flat)])
+        rank_args(["--neox_args_file", str(path)])
+    with pytest.raises(ConfigError, match=r"^--neox_args_file: cannot read .*missing.json"):
+        rank_args(["--neox_args_file", str(tmp_path / "missing.json")])
+    with pytest.raises(ConfigError, match=r"^--neox_args_file: no config from the launcher"):
+        rank_args([])
 
 
 def test_launcher_module_does_not_import_torch():
@@ -153,28 +181,28 @@ def test_launcher_module_does_not_import_torch():
 
 
 def test_multi_node_key_goes_through_a_private_env_file(tmp_path, monkeypatch):
-    import subprocess as sp
-
-    import neox.launcher as launcher
+    import neox.process_tree
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
     monkeypatch.setenv("WANDB_API_KEY", "multi-node-secret")
     seen = {}
 
-    def fake_run(cmd, env):
+    def fake_run_tree(cmd, env):
         seen["cmd"], seen["env_file"] = cmd, env["DS_ENV_FILE"]
         seen["env_text"] = open(env["DS_ENV_FILE"]).read()
-        return sp.CompletedProcess(cmd, 0)
+        seen["config_file"] = cmd[cmd.index("--neox_args_file") + 1]
+        seen["config"] = json.loads(open(seen["config_file"]).read())
+        return 0
 
-    monkeypatch.setattr(launcher.subprocess, "run", fake_run)
-    args = resolve(hostfile=str(hostfile))
-    assert launcher.launch(args, "train.py") == 0
+    monkeypatch.setattr(neox.process_tree, "run_tree", fake_run_tree)
+    args = resolve(hostfile=str(hostfile), log_dir=str(tmp_path / "logs"))
+    assert launch(args, "train.py") == 0
     assert "WANDB_API_KEY=multi-node-secret" in seen["env_text"]
     assert "--log_level=warning" in seen["cmd"] and "multi-node-secret" not in " ".join(seen["cmd"])
-    import os
-
-    assert not os.path.exists(seen["env_file"])  # removed after the launch
+    assert Path(seen["config_file"]).parent == tmp_path / "logs"  # on the run folder, which every node sees
+    assert seen["config"]["world_size"] == 4 and seen["config"]["master_port"] == 29500
+    assert not os.path.exists(seen["env_file"]) and not os.path.exists(seen["config_file"])  # removed after
 
 
 def test_gpu_count_from_nvidia_smi_without_torch(tmp_path, monkeypatch):
@@ -189,3 +217,45 @@ def test_gpu_count_from_nvidia_smi_without_torch(tmp_path, monkeypatch):
     args = resolve()  # every GPU, and no --num_gpus so DeepSpeed uses the visible devices itself
     assert args.parallel.world_size == 2 and "--num_gpus" not in build_launch_command(args, "t.py")
     assert detect_local_gpus({"CUDA_VISIBLE_DEVICES": "0,3,5"}) == 3
+
+
+def test_master_port_unset_is_free_locally_and_29500_across_nodes(tmp_path):
+    local = resolve(num_gpus=2)
+    assert local.launcher.master_port is None
+    port = launch_port(local.launcher)
+    with socket.socket() as s:  # independent check: the chosen port can be bound here
+        s.bind(("", port))
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
+    assert launch_port(resolve(hostfile=str(hostfile)).launcher) == 29500
+    assert launch_port(resolve(num_gpus=2, deepspeed_slurm=True).launcher) == 29500
+    assert launch_port(resolve(num_gpus=2, master_port=29612).launcher) == 29612
+
+
+def test_master_port_in_use_is_one_line_error(tmp_path, monkeypatch):
+    import neox.process_tree
+
+    started = []
+    monkeypatch.setattr(neox.process_tree, "run_tree", lambda cmd, env: started.append(cmd) or 0)
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"^master_port: port {taken} is in use on this machine") as err:
+            launch(resolve(num_gpus=2, master_port=taken), "train.py")
+        assert "\n" not in str(err.value) and not started
+        hostfile = tmp_path / "hosts"  # rank 0 is another host: the port is not checked here
+        hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
+        assert launch(resolve(hostfile=str(hostfile), master_port=taken), "train.py") == 0
+    assert launch(resolve(num_gpus=2), "train.py") == 0  # unset: a free port, given to the runner
+    cmd = started[-1]
+    port = int(cmd[cmd.index("--master_port") + 1])
+    with socket.socket() as s:
+        s.bind(("", port))
+
+
+def test_cpu_ranks_said_in_one_line(capsys):
+    check_launchable(resolve(num_gpus=3))
+    err = capsys.readouterr().err
+    assert err == "neox: no GPU visible: starting 3 CPU rank(s) with gloo (num_gpus=3; without GPUs num_gpus " \
+                  "counts CPU ranks)\n"

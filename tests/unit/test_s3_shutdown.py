@@ -75,7 +75,7 @@ def test_last_checkpoint_reaches_the_bucket_before_the_process_exits(tmp_path, c
     """train.py in its own process, as the launcher starts it: the final iteration's checkpoint is
     queued last, at the end of the loop, and must be in the bucket when the process has exited."""
     from neox.config import NeoXArgs
-    from neox.launcher import encode_config
+    from neox.handoff import encode_config
 
     client, bucket = s3
     save = tmp_path / "save"

@@ -128,7 +128,7 @@ def test_compile_tuning_option():
 
     flat = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "seq_length": 8,
             "tokenizer_type": "CharLevelTokenizer", "train_micro_batch_size_per_gpu": 1, "train_iters": 1,
-            "torch_compile": True}
+            "torch_compile": True, "torch_compile_tuning": False}  # tuning is on by default: test_fast_default.py
     assert compile_options(NeoXArgs.from_flat(flat, world_size=1)) == {}
     tuned = NeoXArgs.from_flat({**flat, "torch_compile_tuning": True}, world_size=1)
     assert compile_options(tuned) == {"coordinate_descent_tuning": True}
