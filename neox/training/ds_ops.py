@@ -11,8 +11,11 @@ was prebuilt or ``optimizer.type: cpu_adam`` asks for DeepSpeed's CPU Adam (``ne
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import TextIO
+
+from neox.errors import ConfigError
 
 # first-build time on 2 CPU cores (DeepSpeed 0.19.8, torch 2.13, g++ 12: 173 s of compiler CPU time over its two
 # sources, built in parallel)
@@ -36,13 +39,19 @@ def is_cached(name: str) -> bool:
     return os.path.isfile(os.path.join(build_dir, f"{name}.so"))
 
 
-def announce_build(name: str, stream: TextIO | None = None) -> bool:
-    """Print the one line when loading DeepSpeed's ``name`` op will compile it; True if it did.
+def announce_build(name: str, stream: TextIO | None = None, *, key: str = "optimizer.type") -> bool:
+    """Print the one line when loading DeepSpeed's ``name`` op will compile it; True if it will.
 
     Only the first rank on each node prints: the other ranks wait for the same build (DeepSpeed locks it).
+    Without a compiler or ninja the build would fail in a traceback: a one-line ConfigError naming ``key``.
     """
     if installed_op(name) or is_cached(name):
         return False
+    missing = [tool for tool in (os.environ.get("CXX", "c++"), "ninja") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"{key}: needs DeepSpeed's {name} op, which is not prebuilt and needs {' and '.join(missing)} "
+                          f"to compile (install a C++ compiler and ninja, or install DeepSpeed with DS_BUILD_"
+                          f"{name.upper()}=1)")
     if os.environ.get("LOCAL_RANK", "0") == "0":
         seconds = BUILD_SECONDS.get(name)
         about = f", about {seconds} s the first time" if seconds else ", the first time only"

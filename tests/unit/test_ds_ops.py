@@ -66,3 +66,15 @@ def test_cpu_adam_optimizer_announces_before_deepspeed_builds_it(empty_cache, mo
     base["optimizer"]["type"] = "Adam"
     opt = build_optimizer(torch.nn.Linear(4, 4), NeoXArgs.from_flat(base, world_size=1), torch.device("cpu"))
     assert type(opt) is torch.optim.AdamW and capsys.readouterr().err == ""
+
+
+def test_no_compiler_is_a_one_line_error_naming_the_key(empty_cache, monkeypatch, tmp_path):
+    from neox.errors import ConfigError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither c++ nor ninja here
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError) as err:
+        ds_ops.announce_build("cpu_adam", io.StringIO())
+    assert str(err.value) == ("optimizer.type: needs DeepSpeed's cpu_adam op, which is not prebuilt and needs c++ and "
+                              "ninja to compile (install a C++ compiler and ninja, or install DeepSpeed with "
+                              "DS_BUILD_CPU_ADAM=1)")
