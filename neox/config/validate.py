@@ -378,7 +378,6 @@ def input_files_exist(a: NeoXArgs) -> None:
 
 def _creatable_problems(key: str, path: str) -> Iterator[ConfigError]:
     """``path`` is a writable directory or can be made one, found out without writing anything."""
-
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -437,8 +436,9 @@ def _checkpoint_to_read_problems(a: NeoXArgs, script: str) -> Iterator[ConfigErr
         held = f"save ({ck.save}) holds none (no latest file there)" if ck.save else "neither is save"
         yield key_error(("load", "save"), f"{script} needs a checkpoint: set load, or train first so that save "
                         f"holds one; load is not set and {held}")
-    elif "://" not in where and not os.path.isfile(os.path.join(where, "latest")) and not _holds_model_files(where):
-        # load == save (the resume setup) is not caught by input_file_problems, and a first run has not saved yet
+    elif "://" not in where and (os.path.isdir(where) or os.path.abspath(where) == os.path.abspath(ck.save or "")) \
+            and not os.path.isfile(os.path.join(where, "latest")) and not _holds_model_files(where):
+        # a missing load folder is input_file_problems' warning, except load == save (the resume setup)
         yield key_error("load", f"{where}: no checkpoint there (expected a latest file or DeepSpeed "
                         "mp_rank_XX_model_states.pt / layer_XX-model_YY-model_states.pt files)")
 
