@@ -288,9 +288,11 @@ def check_launchable(args: NeoXArgs) -> None:
 
 
 def release_shm_buffers(port: int) -> None:
-    """Unlink the /dev/shm buffers of DeepSpeed's CPU all-reduce that ranks meeting on ``port`` left
-    (a rank that was killed never releases its own; see neox.training.pretrain.shutdown)."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+    """Unlink the shared-memory buffers of DeepSpeed's CPU all-reduce that ranks meeting on ``port`` left
+    (a rank that was killed never releases its own; see neox.training.engine.release_cpu_allreduce_buffer)."""
+    from neox.config.deepspeed import CPU_ALLREDUCE_BUFFER, SHM_DIR
+
+    for path in Path(SHM_DIR).glob(CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr="*", port=port, rank="*")):
         with contextlib.suppress(OSError):
             path.unlink()
 

@@ -99,7 +99,10 @@ class MetricsLogger:
         self.jsonl_path = Path(cfg.log_dir) / "metrics.jsonl" if cfg.log_dir and enabled else None
         self._jsonl_warned = False
         self.tb = self._open_tensorboard() if enabled else None
-        self.wandb = self._open_wandb(run_config or {}) if enabled and wants_wandb(cfg) else None
+        # GPT-NeoX's wandb_init_all_ranks: every rank starts its own run (same group); the other
+        # writers stay on the rank that owns them.
+        on_this_rank = enabled or cfg.wandb_init_all_ranks
+        self.wandb = self._open_wandb(run_config or {}) if on_this_rank and wants_wandb(cfg) else None
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -121,10 +124,13 @@ class MetricsLogger:
             return None
         run_dir = self.cfg.log_dir or self.cfg.tensorboard_dir or "."
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        name = self.cfg.wandb_run_name
+        if self.cfg.wandb_init_all_ranks and name:
+            name = f"{name}-rank{_rank()}"
         try:
             return wandb.init(
                 project=self.cfg.wandb_project, group=self.cfg.wandb_group, entity=self.cfg.wandb_team,
-                name=self.cfg.wandb_run_name,
+                name=name,
                 dir=run_dir, config=scrub_secrets(run_config), reinit="finish_previous",
                 settings=wandb.Settings(base_url=self.cfg.wandb_host, silent=True),
             )
@@ -147,10 +153,7 @@ class MetricsLogger:
             self._jsonl_warned = True
 
     def _write_scalars(self, prefix: str, rec: dict[str, Any], step: int) -> None:
-        scalars = {f"{prefix}/{k}": float(v) for k, v in rec.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
-        for k, v in (rec.get("timers_ms") or {}).items():
-            scalars[f"timers/{k}_ms"] = float(v)
+        scalars = _scalars(prefix, rec)
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
@@ -160,6 +163,8 @@ class MetricsLogger:
     def log_train(self, rec: dict[str, Any]) -> None:
         """Log one training iteration; ``rec`` has every name of ``TRAIN_FIELDS``."""
         if not self.enabled:
+            if self.wandb is not None:  # wandb_init_all_ranks: this rank's own run
+                self.wandb.log(_scalars("train", rec), step=rec["iteration"])
             return
         missing = [k for k in TRAIN_FIELDS if k not in rec]
         assert not missing, f"metrics record lacks {missing}"
@@ -186,6 +191,24 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _scalars(prefix: str, rec: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers by W&B / TensorBoard name; the per-parameter norm tables under their own prefixes."""
+    scalars = {f"{prefix}/{k}": float(v) for k, v in rec.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+    for k, v in (rec.get("timers_ms") or {}).items():
+        scalars[f"timers/{k}_ms"] = float(v)
+    for table, group in (("param_norms", "parameter_norms"), ("grad_norms", "gradient_norms")):
+        for name, v in (rec.get(table) or {}).items():
+            scalars[f"{group}/{name}"] = float(v)
+    return scalars
 
 
 def max_memory_gib(device_type: str) -> float:

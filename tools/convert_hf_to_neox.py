@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neox.config.derive import pad_vocab_size  # noqa: E402
 from neox.convert import names, weights  # noqa: E402
 from neox.convert.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import CheckpointError, ConfigError, exit_code_of  # noqa: E402
@@ -113,8 +114,8 @@ def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
         source.where["embed_out.weight"] = source.where.pop("lm_head.weight")  # transformers >= 5 names
     vocab_rows = source[family.top[0][1][0]].shape[0]
     if cfg.padded_vocab_size is None:
-        multiple = cfg.make_vocab_size_divisible_by * tp
-        cfg = dataclasses.replace(cfg, padded_vocab_size=-(-vocab_rows // multiple) * multiple)
+        padded = pad_vocab_size(vocab_rows, cfg.make_vocab_size_divisible_by, tp)
+        cfg = dataclasses.replace(cfg, padded_vocab_size=padded)
     elif cfg.padded_vocab_size < vocab_rows:
         raise ConfigError(f"padded_vocab_size: {cfg.padded_vocab_size} < the {vocab_rows} rows of {folder}")
     return weights.write_weights(names.from_family(source, cfg, family), cfg, output_dir, tp, pp, dtype=dtype,

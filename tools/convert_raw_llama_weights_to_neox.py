@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neox.config.derive import pad_vocab_size  # noqa: E402
 from neox.convert import names, weights  # noqa: E402
 from neox.convert.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import CheckpointError, ConfigError, exit_code_of  # noqa: E402
@@ -114,8 +115,7 @@ class MetaShards(Mapping):
 def padded_vocab(cfg: Any, vocab_rows: int, tp: int) -> int:
     if cfg.padded_vocab_size is not None:
         return cfg.padded_vocab_size
-    multiple = cfg.make_vocab_size_divisible_by * tp
-    return -(-vocab_rows // multiple) * multiple
+    return pad_vocab_size(vocab_rows, cfg.make_vocab_size_divisible_by, tp)
 
 
 def convert(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp: int = 0,

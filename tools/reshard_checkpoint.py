@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neox.config.derive import pad_vocab_size  # noqa: E402
 from neox.convert import names, weights  # noqa: E402
 from neox.convert.cli import add_output_args, output_layout  # noqa: E402
 from neox.errors import exit_code_of  # noqa: E402
@@ -44,8 +45,7 @@ def reshard(input_dir: str | Path, cfg: Any, output_dir: str | Path, tp: int, pp
 def repad_vocab(full: Mapping[str, torch.Tensor], cfg: Any, tp: int) -> tuple[Mapping[str, torch.Tensor], Any]:
     """Keep the checkpoint's vocabulary rows, padded further only if they do not divide by ``tp``."""
     rows = full["embedding.word_embeddings.weight"].shape[0]
-    multiple = cfg.make_vocab_size_divisible_by * tp
-    padded = rows if rows % tp == 0 else -(-rows // multiple) * multiple
+    padded = rows if rows % tp == 0 else pad_vocab_size(rows, cfg.make_vocab_size_divisible_by, tp)
     cfg = dataclasses.replace(cfg, padded_vocab_size=padded)
     if padded == rows:
         return full, cfg

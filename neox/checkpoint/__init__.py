@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's layout, saved crash-safely with a manifest, optionally mirrored to S3.
 
-``save_checkpoint(engine, args, state, iteration)`` and ``load_checkpoint(engine, args)`` are what
-the training loop calls (both are collectives: every rank calls them). Layout, atomicity and S3
+``save_checkpoint(engine, ck, state, iteration)`` and ``load_checkpoint(engine, ck)`` are what
+the training loop calls (both are collectives: every rank calls them); ``engine`` is a
+``neox.training.engine.Engine`` and ``ck`` the run's ``CheckpointConfig``. Layout, atomicity and S3
 behaviour are described in docs/checkpoints.md.
 """
 
@@ -12,35 +13,37 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neox.checkpoint import local
 from neox.checkpoint.s3 import S3Settings, S3Uploader, default_cache_dir, download_latest, is_s3_url, scrub
+from neox.config.run import CheckpointConfig
 from neox.errors import CheckpointError
+
+if TYPE_CHECKING:  # types of the training package, which builds on this one
+    from neox.training.engine import Engine
+    from neox.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "wait_for_uploads", "upload_missing", "uploads_finished"]
 
-_UPLOADER_ATTR = "_neox_s3_uploader"
-
-
-def _uploader(engine: Any, ck: Any) -> S3Uploader:
+def _uploader(engine: Engine, ck: CheckpointConfig) -> S3Uploader:
     # Kept on the engine, which lives as long as the run, rather than in a module global.
-    up = getattr(engine, _UPLOADER_ATTR, None)
+    up = engine.s3_uploader
     if up is None or up.url != ck.s3_path:
         up = S3Uploader(ck.s3_path, S3Settings(chunk_size=ck.s3_chunk_size))
-        object.__setattr__(engine, _UPLOADER_ATTR, up)
+        engine.s3_uploader = up
     return up
 
 
-def wait_for_uploads(engine: Any, timeout: float | None = None) -> bool:
+def wait_for_uploads(engine: Engine, timeout: float | None = None) -> bool:
     """Wait for queued S3 uploads of this engine's checkpoints; False if ``timeout`` ran out first."""
-    up = getattr(engine, _UPLOADER_ATTR, None)
+    up = engine.s3_uploader
     return True if up is None else up.wait(timeout)
 
 
-def upload_missing(engine: Any, ck: Any) -> int:
+def upload_missing(engine: Engine, ck: CheckpointConfig) -> int:
     """Queue every local tag of ``save`` for upload to ``s3_path`` unless the bucket holds all of it
     (rank 0; a no-op elsewhere or without ``s3_path``); returns how many tags were checked.
 
@@ -57,10 +60,10 @@ def upload_missing(engine: Any, ck: Any) -> int:
     return len(tags)
 
 
-def finish_uploads(engine: Any) -> None:
+def finish_uploads(engine: Engine) -> None:
     """Wait for every queued upload; raise one CheckpointError line naming each tag whose upload
     failed and the local directory that still holds it."""
-    up = getattr(engine, _UPLOADER_ATTR, None)
+    up = engine.s3_uploader
     if up is None:
         return
     if up.pending():
@@ -76,7 +79,7 @@ def finish_uploads(engine: Any) -> None:
 
 
 @contextlib.contextmanager
-def uploads_finished(engine: Any) -> Iterator[None]:
+def uploads_finished(engine: Engine) -> Iterator[None]:
     """The body, then every S3 upload it queued: a failed upload raises (see :func:`finish_uploads`)
     unless the body itself raised, whose error is the one reported then."""
     try:
@@ -90,15 +93,16 @@ def uploads_finished(engine: Any) -> Iterator[None]:
     finish_uploads(engine)
 
 
-def save_checkpoint(engine: Any, args: Any, state: Any, iteration: int, *,
+def save_checkpoint(engine: Engine, ck: CheckpointConfig, state: TrainState, iteration: int, *,
+                    args_flat: dict[str, Any] | None = None,
                     validation_fn: Callable[[], float] | None = None) -> str | None:
     """Save ``{save}/global_step{iteration}`` (all ranks call this); return the tag directory.
 
+    ``args_flat`` (the run's flat config) is stored, secrets redacted, as ``neox_args.json``.
     ``validation_fn`` (a collective returning the loss of a fixed batch) is called when
     ``checkpoint_validation_with_forward_pass`` is on; its loss is stored in the manifest and
     checked by :func:`load_checkpoint`. Returns None when ``save`` is not set.
     """
-    ck = args.checkpoint
     if not ck.save:
         return None
     if is_s3_url(ck.save):
@@ -108,10 +112,8 @@ def save_checkpoint(engine: Any, args: Any, state: Any, iteration: int, *,
     if ck.checkpoint_validation_with_forward_pass and validation_fn is not None:
         vloss = local.with_rng_preserved(validation_fn)
     client = {"train_state": state.to_dict(), "iteration": int(iteration)}
-    flat = args.to_flat() if hasattr(args, "to_flat") else None
-    tag_dir = local.save(engine, ck.save, iteration, client_state=client, args_flat=flat, validation_loss=vloss,
-                         save_optimizer=not getattr(ck, "no_save_optim", False),
-                         save_rng=not getattr(ck, "no_save_rng", False))
+    tag_dir = local.save(engine, ck.save, iteration, client_state=client, args_flat=args_flat, validation_loss=vloss,
+                         save_optimizer=not ck.no_save_optim, save_rng=not ck.no_save_rng)
     if local._rank() == 0:
         protect: set[str] = set()
         if ck.s3_path:
@@ -144,8 +146,8 @@ def _fetch_s3(url: str, save_dir: str | None) -> str:
     return cache
 
 
-def load_checkpoint(engine: Any, args: Any, *,
-                    validation_fn: Callable[[], float] | None = None) -> Any:
+def load_checkpoint(engine: Engine, ck: CheckpointConfig, *,
+                    validation_fn: Callable[[], float] | None = None) -> TrainState | None:
     """Load ``load`` into ``engine`` (all ranks call this); return the TrainState, or None if nothing to load.
 
     ``load`` is a directory with ``latest``, one of its ``global_step{N}`` directories (to pick an
@@ -154,7 +156,6 @@ def load_checkpoint(engine: Any, args: Any, *,
     """
     from neox.training.state import TrainState
 
-    ck = args.checkpoint
     if not ck.load:
         return None
     where = _fetch_s3(ck.load, ck.save) if is_s3_url(ck.load) else ck.load
@@ -174,7 +175,7 @@ def load_checkpoint(engine: Any, args: Any, *,
     elif client and "train_state" in client:
         state = TrainState.from_dict(client["train_state"])
     else:  # a checkpoint written by GPT-NeoX or DeepSpeed directly
-        state = TrainState(iteration=int(getattr(engine, "global_steps", 0)))
+        state = TrainState(iteration=engine.global_steps)
     if ck.checkpoint_validation_with_forward_pass and validation_fn is not None and manifest:
         now = local.with_rng_preserved(validation_fn)
         local.check_validation_loss(os.path.join(load_dir, tag), manifest.get("validation_loss"), now)

@@ -17,16 +17,18 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from neox.checkpoint import manifest as mf
 from neox.checkpoint.rng import get_rng_state, load_rng_state, save_rng_state, set_rng_state
 from neox.errors import CheckpointError
+
+if TYPE_CHECKING:  # the training package builds on this one
+    from neox.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -84,37 +86,9 @@ def redact(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def engine_layout(engine: Any) -> dict[str, int]:
+def engine_layout(engine: Engine) -> dict[str, int]:
     """World, data-, tensor- and pipeline-parallel sizes and ZeRO stage of ``engine``."""
-    return {
-        "world_size": _world(),
-        "data_parallel_size": int(getattr(engine, "seq_dp_world_size", getattr(engine, "dp_world_size", 1))),
-        "model_parallel_size": int(getattr(engine, "mp_world_size", 1)),
-        "pipe_parallel_size": int(getattr(engine, "num_stages", 1)),
-        "zero_stage": int(engine.zero_optimization_stage()),
-    }
-
-
-@contextlib.contextmanager
-def _recording_writes(engine: Any) -> Iterator[list[str] | None]:
-    """Record the paths this rank's DeepSpeed checkpoint engine writes (None: cannot tell)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None or not callable(getattr(ce, "save", None)):
-        yield None
-        return
-    written: list[str] = []
-    original = ce.save
-
-    def save(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        written.append(kwargs.get("path", args[1] if len(args) > 1 else None))
-        return result
-
-    ce.save = save  # an instance attribute shadowing the method, removed below
-    try:
-        yield written
-    finally:
-        del ce.save
+    return engine.layout(_world())
 
 
 def _fsync_written(root: str, written: list[str] | None) -> None:
@@ -147,7 +121,7 @@ def with_rng_preserved(fn: Callable[[], float]) -> float:
         set_rng_state(state)
 
 
-def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, Any],
+def save(engine: Engine, save_dir: str, iteration: int, *, client_state: dict[str, Any],
          args_flat: dict[str, Any] | None = None, validation_loss: float | None = None,
          save_optimizer: bool = True, save_rng: bool = True) -> str:
     """Save one crash-safe checkpoint tag (a collective); return the final tag directory.
@@ -168,9 +142,7 @@ def save(engine: Any, save_dir: str, iteration: int, *, client_state: dict[str, 
     _fail_save(save_dir, partial_dir, [e for e in _all_gather(error) if e])
     extra = {} if save_optimizer else {"optimizer": None}  # DeepSpeed lets client_state override its keys
     try:
-        with _recording_writes(engine) as written:
-            engine.save_checkpoint(save_dir, tag=partial, client_state={CLIENT_KEY: client_state, **extra},
-                                   save_latest=False)
+        written = engine.save_checkpoint(save_dir, partial, {CLIENT_KEY: client_state, **extra})
         if save_rng:
             save_rng_state(partial_dir, _rank())  # fsynced there
         if _rank() == 0 and args_flat is not None:
@@ -321,10 +293,13 @@ _SHAPE_RE = re.compile(r"size mismatch for ([\w.]+): copying a param with shape 
                        r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))")
 
 
-def _ds_load(engine: Any, load_dir: str, tag: str, **kw: Any) -> dict[str, Any]:
+def _ds_load(engine: Engine, load_dir: str, tag: str, *, universal: bool = False, **kw: Any) -> dict[str, Any]:
     """``engine.load_checkpoint`` with torch's shape errors turned into one-line CheckpointErrors."""
     try:
-        path, client = engine.load_checkpoint(load_dir, tag=tag, **kw)
+        if universal:
+            path, client = engine.load_universal_checkpoint(load_dir, tag)
+        else:
+            path, client = engine.load_checkpoint(load_dir, tag, **kw)
     except RuntimeError as err:
         m = _SHAPE_RE.search(str(err))
         if m:
@@ -345,7 +320,7 @@ def _ds_load(engine: Any, load_dir: str, tag: str, **kw: Any) -> dict[str, Any]:
     return client or {}
 
 
-def _needs_module_only(engine: Any, manifest: dict[str, Any] | None) -> str | None:
+def _needs_module_only(engine: Engine, manifest: dict[str, Any] | None) -> str | None:
     """Why the optimizer state cannot be loaded into ``engine`` (None: it can)."""
     if manifest is None or "layout" not in manifest:
         return None
@@ -374,18 +349,13 @@ def saved_layout(tag_dir: str) -> tuple[int, bool] | None:
     return (max(mp) + 1, False) if mp else None
 
 
-def check_layout(engine: Any, tag_dir: str) -> None:
+def check_layout(engine: Engine, tag_dir: str) -> None:
     """Refuse a checkpoint of another tensor-parallel size or module format before DeepSpeed reads it
     (DeepSpeed would fail deep inside with an unrelated AssertionError or TypeError)."""
     saved = saved_layout(tag_dir)
     if saved is None:
         return
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    is_pipe = isinstance(engine, PipelineEngine)
-    # a pipeline engine's mp_world_size counts pipeline x tensor ranks; its grid knows the tensor size
-    tp = engine.grid.get_slice_parallel_world_size() if is_pipe else getattr(engine, "mp_world_size", 1)
-    now = (int(tp or 1), is_pipe)
+    now = (engine.tensor_parallel_size, engine.is_pipeline)
     if saved != now:
         def kind(pipe: bool) -> str:
             return "pipeline (pipe_parallel_size >= 1)" if pipe else "plain (pipe_parallel_size 0)"
@@ -396,7 +366,7 @@ def check_layout(engine: Any, tag_dir: str) -> None:
             f"tools/reshard_checkpoint.py --num_output_shards {now[0]} --pipe_parallel_size {1 if now[1] else 0}")
 
 
-def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, load_optimizer: bool = True,
+def load(engine: Engine, load_dir: str, tag: str, *, module_only: bool = False, load_optimizer: bool = True,
          load_rng: bool = True, checksums: bool = True) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Load ``{load_dir}/{tag}`` into ``engine`` (a collective).
 
@@ -425,7 +395,7 @@ def load(engine: Any, load_dir: str, tag: str, *, module_only: bool = False, loa
 
 
 @contextlib.contextmanager
-def _latest_view(engine: Any, load_dir: str, tag: str) -> Iterator[str]:
+def _latest_view(engine: Engine, load_dir: str, tag: str) -> Iterator[str]:
     """A directory whose ``latest`` names ``tag`` (yields ``load_dir`` when it already does).
 
     DeepSpeed's ZeRO-3 weights-only load re-reads the fp32 weights from ``{load_dir}/latest``,
@@ -453,7 +423,7 @@ def _latest_view(engine: Any, load_dir: str, tag: str) -> Iterator[str]:
             shutil.rmtree(view, ignore_errors=True)
 
 
-def _universal_ok(engine: Any, manifest: dict[str, Any] | None) -> bool:
+def _universal_ok(engine: Engine, manifest: dict[str, Any] | None) -> bool:
     """Whether DeepSpeed's universal checkpoint can reshard this ZeRO-1/2 optimizer state.
 
     Only without tensor or pipeline parallelism: the converter would need DeepSpeed's
@@ -465,10 +435,10 @@ def _universal_ok(engine: Any, manifest: dict[str, Any] | None) -> bool:
     pipe_files = any(name.startswith("layer_") for name in manifest["files"])
     return (saved.get("zero_stage") in (1, 2) and now["zero_stage"] in (1, 2) and not pipe_files
             and saved.get("model_parallel_size") == 1 and now["model_parallel_size"] == 1
-            and not hasattr(engine, "num_stages"))
+            and not engine.is_pipeline)
 
 
-def _load_universal(engine: Any, load_dir: str, tag: str, reason: str) -> dict[str, Any] | None:
+def _load_universal(engine: Engine, load_dir: str, tag: str, reason: str) -> dict[str, Any] | None:
     """Reshard the ZeRO optimizer state through DeepSpeed's universal checkpoint; None if that failed."""
     # The converter also writes 'latest_universal' next to its output: keep both in a scratch dir.
     scratch = os.path.join(load_dir, f".{tag}.universal")
@@ -478,21 +448,13 @@ def _load_universal(engine: Any, load_dir: str, tag: str, reason: str) -> dict[s
         log.warning("%s: %s; converting to DeepSpeed's universal checkpoint to reshard the optimizer state",
                     tag_dir, reason)
         shutil.rmtree(scratch, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
-               "--output_folder", out, "--inject_missing_state", "--num_extract_workers", "2",
-               "--num_merge_workers", "2"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(engine.universal_conversion_command(tag_dir, out), capture_output=True, text=True)
         if proc.returncode != 0:
             error = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
     errors = [e for e in _all_gather(error) if e]
     client = None
     if not errors:
-        config = engine._config
-        config.load_universal_checkpoint = True
-        try:
-            client = _ds_load(engine, scratch, tag)
-        finally:
-            config.load_universal_checkpoint = False
+        client = _ds_load(engine, scratch, tag, universal=True)
     elif _rank() == 0:
         log.warning("%s: universal-checkpoint conversion failed (%s)", tag_dir, errors[0][0])
     _barrier()
@@ -501,7 +463,7 @@ def _load_universal(engine: Any, load_dir: str, tag: str, reason: str) -> dict[s
     return client
 
 
-def _load_without_optimizer(engine: Any, load_dir: str, tag: str, reason: str) -> dict[str, Any]:
+def _load_without_optimizer(engine: Engine, load_dir: str, tag: str, reason: str) -> dict[str, Any]:
     """Weights, LR schedule and step count, with a fresh optimizer (its state could not be resharded)."""
     if _rank() == 0:
         log.warning("%s: %s; DeepSpeed cannot reshard that optimizer state, so the weights, LR schedule "
@@ -512,9 +474,7 @@ def _load_without_optimizer(engine: Any, load_dir: str, tag: str, reason: str) -
                           load_lr_scheduler_states=False)
     if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
-    for key in ("global_steps", "global_samples", "skipped_steps"):
-        if key in client:
-            setattr(engine, key, client[key])
+    engine.restore_counters(client)
     return client
 
 

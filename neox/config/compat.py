@@ -28,6 +28,13 @@ NO_EFFECT: dict[str, str] = {
     "mamba_causal_conv_fusion": "Mamba kernel fusion",
     "mamba_inner_func_fusion": "Mamba kernel fusion",
     "use_cpu_initialization": "neox initialises full tensors from the seed on any device",
+    # numerics neox always has: what these ask for is what it does anyway
+    "attention_softmax_in_fp32": "the attention softmax is always fp32: flash-attn and PyTorch's SDPA kernels keep "
+                                 "its max and sum in fp32 whatever the input dtype",
+    "apply_query_key_layer_scaling": "Megatron's fp16 overflow guard (scores scaled by 1/layer, undone in an fp32 "
+                                     "softmax) gives the same attention; neox's softmax is fp32 already",
+    "fp16_lm_cross_entropy": "the loss is always computed in fp32 from the half-precision logits (the vocab-parallel "
+                             "cross entropy upcasts; compiled, the upcast fuses into the loss)",
     "fused_kernels_build_path": "neox builds no fused kernels (PyTorch and torch.compile provide them)",
     "scalenorm_epsilon": "scalenorm is not implemented (norm must be layernorm or rmsnorm)",
     "rpe_num_buckets": "relative position embeddings are not implemented",
@@ -91,6 +98,16 @@ NO_EFFECT: dict[str, str] = {
     "allow_chopped": "only used by NeoX's non-default packing",
     "no_ssh_check": "passed to the DeepSpeed runner only when true",
     "curriculum_seqlen": "curriculum learning is not supported",
+}
+
+# Typed fields (documented in docs/config.md) that change nothing, and why; tests/unit/
+# test_config_fields_consumed.py fails for a typed field that is neither read nor listed here.
+NO_EFFECT_FIELDS: dict[str, str] = {
+    "steps_per_print": "DeepSpeed's own loss print; neox hands DeepSpeed a value that keeps it quiet and logs by "
+                       "log_interval",
+    "output_layer_parallelism": "only 'column' is accepted (validation refuses 'row'), which is how neox always "
+                                "splits the output layer",
+    "te_fp8_mha": "only false is accepted (validation refuses FP8 attention): attention runs in bf16 (SDPA / flash)",
 }
 
 # key -> NeoX default; any other value is an error (the feature is not implemented).

@@ -1,4 +1,8 @@
-"""The DeepSpeed config derived from NeoXArgs (the dict handed to ``deepspeed.initialize``)."""
+"""The DeepSpeed config derived from NeoXArgs (the dict handed to ``deepspeed.initialize``).
+
+The block whitelists are DeepSpeed 0.19.8's (pyproject pins ``deepspeed>=0.19.8,<0.20``); the rest of the
+DeepSpeed knowledge lives in ``neox.training.engine``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from neox.config import compat, fast_path
+from neox.errors import ConfigError
 
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
@@ -48,6 +53,11 @@ def _clean(block: str, values: dict[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in values.items() if k in BLOCK_KEYS[block]}
 
 
+# DeepSpeed's CPU shared-memory all-reduce buffer (deepspeed/ops/csrc/cpu/comm/shm.cpp), which it never
+# unlinks; named here, torch-free, for the ranks (training.engine) and the launcher (killed ranks' buffers).
+SHM_DIR = "/dev/shm"
+CPU_ALLREDUCE_BUFFER = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
 # DeepSpeed prints its own loss line every steps_per_print steps; neox logs by log_interval instead.
 QUIET_STEPS_PER_PRINT = 10**9
 
@@ -63,19 +73,10 @@ def zero_config(zero: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def optimizer_config(args: NeoXArgs) -> dict[str, Any] | None:
-    """The optimizer block: NeoX's dict, with lr and weight_decay filled in from their own keys."""
-    opt = copy.deepcopy(args.optim.optimizer)
-    if not opt:
-        return None
-    params = opt.setdefault("params", {})
-    if args.lr.lr is not None:
-        params["lr"] = args.lr.lr
-    params.setdefault("weight_decay", args.optim.weight_decay)
-    return opt
-
-
 def build_deepspeed_config(args: NeoXArgs) -> dict[str, Any]:
+    """The config for ``deepspeed.initialize``, without optimizer or scheduler blocks: neox builds the
+    optimizer and the LR schedule itself and hands DeepSpeed the objects (``training/optim.py``);
+    ``neox.training.engine.runtime_config`` adjusts it to them at the start of a run."""
     t, p = args.training, args.precision
     config: dict[str, Any] = {
         "train_batch_size": t.train_batch_size,
@@ -92,9 +93,6 @@ def build_deepspeed_config(args: NeoXArgs) -> dict[str, Any]:
         # H100: 7 ms idle in a 255 ms step); neox times its own log intervals.
         "timers": {"throughput": {"enabled": False}},
     }
-    optimizer = optimizer_config(args)
-    if optimizer is not None:
-        config["optimizer"] = optimizer
     if p.data_types:
         config["data_types"] = copy.deepcopy(p.data_types)
     if p.communication_data_type:
@@ -105,5 +103,10 @@ def build_deepspeed_config(args: NeoXArgs) -> dict[str, Any]:
         if key in args.compat and key != "deepspeed_extra_args" and args.compat[key] is not None:
             config[key] = copy.deepcopy(args.compat[key])
     fast_path.deepspeed_overrides(args, config)
-    config.update(copy.deepcopy(args.compat.get("deepspeed_extra_args") or {}))
+    extra = args.compat.get("deepspeed_extra_args") or {}
+    for key in ("optimizer", "scheduler"):
+        if key in extra:
+            raise ConfigError(f"deepspeed_extra_args.{key}: neox builds the {key} itself and hands DeepSpeed the object; "
+                              f"set it with the {'optimizer' if key == 'optimizer' else 'lr_decay_style/warmup/min_lr'} keys")
+    config.update(copy.deepcopy(extra))
     return config

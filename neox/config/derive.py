@@ -8,8 +8,8 @@ the flat config they receive with their own WORLD_SIZE).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from neox.errors import ConfigError
 
@@ -116,28 +116,49 @@ def expand_attention_config(config: Any, num_layers: int) -> list[str]:
     return layers
 
 
-def mlp_shape(values: dict[str, Any]) -> tuple[str, str, int]:
-    """(mlp_type, activation, intermediate_size per branch) as NeoX sizes its MLPs.
+class MlpShape(NamedTuple):
+    mlp_type: str  # "llama" (gated) or "regular"
+    activation: str  # gelu, relu or silu: the function applied (to the gate when gated)
+    intermediate_size: int  # per branch of a gated MLP
 
-    - ``mlp_type: llama`` (older NeoX): gated; size = intermediate_size, else 8h/3 rounded up to 256.
-    - ``activation: swiglu|geglu|reglu`` (current NeoX): gated; intermediate_size (default 4h, or
-      expansion_factor * h) counts both branches before NeoX's 2/3 scaling: per branch =
+    @property
+    def gated(self) -> bool:
+        return self.mlp_type == "llama"
+
+
+def mlp_shape(cfg: Any) -> MlpShape:
+    """The MLP's kind, activation and inner size, as GPT-NeoX sizes its MLPs; ``cfg`` is a ModelConfig
+    (derived or built directly) or the flat values. The one rule: derivation and the model both call it.
+
+    - ``mlp_type: llama`` (older NeoX's LLaMAParallelMLP): gated; size = intermediate_size, else 8h/3
+      rounded up to 256, per branch.
+    - ``activation: swiglu|geglu|reglu`` (current NeoX's ParallelMLP): gated; intermediate_size (default 4h,
+      or expansion_factor * h) counts both branches before NeoX's 2/3 scaling: per branch =
       round_up(int(size * 2/3) // 2, mlp_multiple_of).
-    - otherwise a plain MLP of intermediate_size (default 4h, or expansion_factor * h).
+    - otherwise a plain MLP of intermediate_size (default 4h, or expansion_factor * h) rounded up to
+      mlp_multiple_of.
+
+    Idempotent: a derived config (llama, its per-branch size) gives the same shape again.
     """
-    h, size = values["hidden_size"], values["intermediate_size"]
-    act = "silu" if values["activation"] == "swish" else values["activation"]
-    mlp_type = values["mlp_type"]
-    base = size or (int(values["expansion_factor"] * h) if values["expansion_factor"] else 4 * h)
+    get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
+    h, size = get("hidden_size"), get("intermediate_size")
+    act = "silu" if get("activation") == "swish" else get("activation")
+    mlp_type = get("mlp_type")
+    multiple = max(get("mlp_multiple_of") or 1, 1)
+    base = size or (int(get("expansion_factor") * h) if get("expansion_factor") else 4 * h)
     if mlp_type == "llama":
         if size is None:
             size = 256 * math.ceil(int(2 * h * 4 / 3) / 256)
-        return "llama", GATED_ACTIVATIONS.get(act, act), size
+        return MlpShape("llama", GATED_ACTIVATIONS.get(act, act), size)
     if act in GATED_ACTIVATIONS:
-        multiple = max(values["mlp_multiple_of"], 1)
         per_branch = int(base * 2 / 3) // 2
-        return "llama", GATED_ACTIVATIONS[act], multiple * math.ceil(per_branch / multiple)
-    return mlp_type, act, base
+        return MlpShape("llama", GATED_ACTIVATIONS[act], multiple * math.ceil(per_branch / multiple))
+    return MlpShape(mlp_type, act, multiple * math.ceil(base / multiple))
+
+
+def mlp_has_bias(cfg: Any) -> bool:
+    """NeoX's LLaMA MLP has no biases whatever use_bias_in_mlp says (neox sizes every gated MLP as it)."""
+    return bool(cfg.use_bias_in_mlp) and not mlp_shape(cfg).gated
 
 
 def derive_model(v: dict[str, Any], vocab_size: int | None) -> None:
@@ -172,21 +193,54 @@ def derive_batch(v: dict[str, Any], world_size: int) -> None:
     )
 
 
+class LRSchedule(NamedTuple):
+    """The learning-rate schedule's numbers, as GPT-NeoX's get_learning_rate_scheduler computes them."""
+
+    lr: float | None
+    min_lr: float
+    warmup_iters: float | None  # a float, as NeoX keeps warmup * decay iterations
+    decay_iters: int | None  # None only without train_iters (a model-only config)
+    style: str
+
+
+def lr_schedule(cfg: Any, train_iters: int | None, lr: float | None) -> LRSchedule:
+    """The one rule for the schedule; ``cfg`` is an LRConfig (derived or not) or the flat values.
+
+    decay: lr_decay_iters, else floor(train_iters * lr_decay_fraction), else train_iters; at least 1.
+    warmup: warmup_iters, else warmup * decay. min_lr: decay_lr_to * lr when decay_lr_to is set.
+    Idempotent: the derived values give themselves again.
+    """
+    get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
+    decay, fraction = get("lr_decay_iters"), get("lr_decay_fraction")
+    if decay is None and train_iters:
+        decay = math.floor(train_iters * fraction) if fraction is not None else train_iters
+    if decay is not None:
+        decay = max(1, int(decay))
+    warmup = get("warmup_iters")
+    if warmup is None and decay is not None:
+        warmup = get("warmup") * decay
+    if warmup is not None and decay is not None and not 0 <= warmup <= decay:
+        raise key_error("warmup_iters", f"expected a value in [0, lr_decay_iters={decay}], got {warmup}")
+    min_lr = get("min_lr") or 0.0
+    if get("decay_lr_to") is not None and lr is not None:
+        min_lr = get("decay_lr_to") * lr
+    return LRSchedule(lr, min_lr, None if warmup is None else float(warmup), decay, get("lr_decay_style"))
+
+
 def derive_lr(v: dict[str, Any]) -> None:
     params = (v["optimizer"] or {}).get("params") or {}
     if v["lr"] is None and "lr" in params:
         v["lr"] = float(params["lr"])
-    if v["lr_decay_fraction"] is not None and v["train_iters"]:
-        v["lr_decay_iters"] = int(v["lr_decay_fraction"] * v["train_iters"])
-    if v["lr_decay_iters"] is None:
-        v["lr_decay_iters"] = v["train_iters"]
-    if v["warmup_iters"] is None and v["lr_decay_iters"] is not None:
-        v["warmup_iters"] = int(round(v["warmup"] * v["lr_decay_iters"]))
+    fraction, train_iters = v["lr_decay_fraction"], v["train_iters"]
+    if fraction is not None and train_iters and v["lr_decay_iters"] not in (None, math.floor(train_iters * fraction)):
+        raise key_error(("lr_decay_iters", "lr_decay_fraction"), f"lr_decay_iters {v['lr_decay_iters']} disagrees "
+                        f"with lr_decay_fraction * train_iters = {math.floor(train_iters * fraction)}; set one")
     if v["decay_lr_to"] is not None and v["lr"] is not None:
         target = v["decay_lr_to"] * v["lr"]
         if v["min_lr"] and not math.isclose(v["min_lr"], target, rel_tol=1e-6):
             raise key_error(("min_lr", "decay_lr_to"), f"min_lr {v['min_lr']} disagrees with decay_lr_to * lr = {target}")
-        v["min_lr"] = target
+    s = lr_schedule(v, train_iters, v["lr"])
+    v["lr_decay_iters"], v["warmup_iters"], v["min_lr"] = s.decay_iters, s.warmup_iters, s.min_lr
 
 
 def derive_precision(v: dict[str, Any], notes: list[str]) -> None:

@@ -94,7 +94,7 @@ class ModelConfig:
     """With gpt_j_residual, use one norm for both attention and MLP (ln1 = ln2)."""
 
     output_layer_parallelism: Literal["column", "row"] = "column"
-    """How the output layer is split over tensor-parallel ranks. neox always splits it by vocabulary ('column'); 'row' is accepted and gives the same model."""
+    """How the output layer is split over tensor-parallel ranks. neox splits it by vocabulary ('column'); 'row' (GPT-NeoX's split over the hidden dimension) is not implemented and is refused when the config is read."""
 
     attention_config: list[str] = field(default_factory=list)
     """Attention kind per layer. Written as NeoX pairs, e.g. [[["global"], 12]] or [[["flash"], 32]]; expanded to one entry per layer (counts must sum to num_layers). 'global' and 'flash' are both full causal attention ('flash' asks for the flash kernel). Empty: global everywhere."""
@@ -141,14 +141,10 @@ class ModelConfig:
     torch_compile: bool | None = None
     """neox: compile each transformer block (and the loss, at tensor parallel 1) with torch.compile (fuses norms, rotary, SwiGLU). None (unset): on for ranks that see CUDA, eager on CPU ranks; false: eager everywhere. Inductor's caches persist (TORCHINDUCTOR_CACHE_DIR, default {save}/.cache/torchinductor), so a restart or resume compiles warm."""
 
-    attention_softmax_in_fp32: bool = False
-    """Compute the attention softmax in fp32."""
 
-    apply_query_key_layer_scaling: bool = False
-    """Scale q*k^T by 1/layer_number (and undo it in fp32 softmax) as Megatron does."""
 
     use_qk_layernorm: bool = False
-    """Normalise queries and keys per head before attention."""
+    """GPT-NeoX: normalise queries and keys per head before attention. Not implemented in neox: only false is accepted."""
 
     sliding_window_width: int | None = None
-    """If set, each token attends only to this many previous tokens."""
+    """If set, each token attends to itself and this many previous tokens (GPT-NeoX's flash-attn window_size=(w, -1)), in every layer. flash_attn applies it in its kernel; SDPA takes a banded mask, which rules out its flash kernel (slower on GPU). None: full causal attention."""

@@ -37,16 +37,16 @@ class LRConfig:
     """Decay after warmup: 'constant', 'linear', 'cosine' or 'exponential'."""
 
     lr_decay_iters: int | None = None
-    """Iterations over which the learning rate decays. None: train_iters."""
+    """Iterations over which the learning rate decays (at least 1). None: floor(lr_decay_fraction * train_iters) if that is set, else train_iters."""
 
     lr_decay_fraction: float | None = None
-    """If set, lr_decay_iters = lr_decay_fraction * train_iters."""
+    """If set, lr_decay_iters = floor(lr_decay_fraction * train_iters) (set one of the two)."""
 
     warmup: float = 0.01
     """Warmup as a fraction of lr_decay_iters (NeoX's meaning); ignored when warmup_iters is set."""
 
-    warmup_iters: int | None = None
-    """Warmup iterations. None: round(warmup * lr_decay_iters)."""
+    warmup_iters: float | None = None
+    """Warmup iterations. None: warmup * lr_decay_iters, kept as a float as GPT-NeoX does (0.01 * 150 = 1.5)."""
 
     min_lr: float = 0.0
     """Floor of the learning rate after decay."""
@@ -55,10 +55,10 @@ class LRConfig:
     """Decay to this fraction of lr (e.g. 0.033). Overrides min_lr when set: min_lr = decay_lr_to * lr."""
 
     override_lr_scheduler: bool = False
-    """On load, take the schedule from the config rather than the checkpoint."""
+    """On load, use the config's schedule (lr, min_lr, warmup, decay iterations, style) instead of the checkpoint's; the position (iteration) still comes from the checkpoint. Without this or use_checkpoint_lr_scheduler the two must agree (as GPT-NeoX asserts), else a one-line CheckpointError names what differs."""
 
     use_checkpoint_lr_scheduler: bool = False
-    """On load, take the schedule from the checkpoint rather than the config."""
+    """On load, use the checkpoint's schedule instead of the config's (see override_lr_scheduler; set at most one)."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,6 @@ class PrecisionConfig:
     communication_data_type: str | None = None
     """DeepSpeed communication_data_type (passed through)."""
 
-    fp16_lm_cross_entropy: bool = False
-    """Compute the LM cross entropy in half precision."""
 
     optimizer_master_weights: bool | None = None
     """neox: the model holds bf16 parameters and neox's optimizer their fp32 master weights and Adam moments, updated and written back in one compiled pass: no per-step weight casts or fp32 gradient copies (measured faster on an H100/H200: docs/performance.md). None (unset): on for precision bfloat16 without a pipeline engine at ZeRO stage 0, or stage 1 with one data-parallel rank (instead of DeepSpeed's bf16 optimizer), else off; the run's first log lines say which. true: also with precision fp32 + torch_autocast bf16; needs ZeRO stage 0 (or 1 at data parallel 1), pipe_parallel_size 0 and Adam/AdamW. With gradient_accumulation_steps > 1 the micro-batches' bf16 gradients are summed in fp32 buffers (data_types.grad_accum_dtype bf16: in the bf16 gradients instead). false: DeepSpeed's bf16 optimizer / fp32 parameters."""

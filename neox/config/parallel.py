@@ -19,7 +19,7 @@ class ParallelConfig:
     """Megatron sequence parallelism: split norms and dropout activations over the tensor-parallel ranks."""
 
     pipe_partition_method: str = "type:transformer|mlp"
-    """How layers are spread over pipeline stages: 'parameters', 'uniform' or 'type:REGEX'."""
+    """How DeepSpeed's PipelineModule spreads layers over pipeline stages: 'parameters' (balance parameter counts), 'uniform' (balance layer counts) or 'type:REGEX' (balance the layers whose class name matches, e.g. GPT-NeoX's default 'type:transformer|mlp', which matches neox's TransformerBlockPipe)."""
 
     world_size: int | None = None
     """Total number of ranks. Derived: num_gpus * num_nodes at launch, the WORLD_SIZE environment variable on a rank."""

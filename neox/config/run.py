@@ -129,7 +129,7 @@ class LoggingConfig:
     """W&B server URL."""
 
     wandb_init_all_ranks: bool = False
-    """Start a W&B run on every rank, not only rank 0."""
+    """Start a W&B run on every rank (same group; with wandb_run_name, named NAME-rankN), each logging its own copy of the train records; console, metrics.jsonl and TensorBoard stay on rank 0."""
 
     wandb_run_name: str | None = None
     """W&B run name (wandb.init's name); None lets W&B choose one."""
@@ -150,13 +150,13 @@ class LoggingConfig:
     """Profiling stops after the step that ends at this iteration (exclusive start: profile_step_stop - profile_step_start steps are profiled)."""
 
     log_grad_norm: bool = False
-    """Log the gradient norm."""
+    """Add each parameter's gradient L2 norm (the full tensor, after the data-parallel reduction, before clipping) to the logged records as grad_norms {name: norm} and grad_norm_total; W&B/TensorBoard get them as gradient_norms/NAME (GPT-NeoX's names). The global grad_norm is in every record regardless. Computed each step (one norm per parameter, a collective); only with pipe_parallel_size 0."""
 
     log_param_norm: bool = False
-    """Log the parameter norm."""
+    """Add each parameter's L2 norm (the full tensor over tensor-parallel shards and pipeline stages) to the logged records as param_norms {name: norm} and their total param_norm; W&B/TensorBoard get them as parameter_norms/NAME (GPT-NeoX's names). Computed at logged iterations."""
 
     steps_per_print: int = 10
-    """DeepSpeed's own print interval (NeoX key; neox logs by log_interval)."""
+    """NeoX key, no effect: DeepSpeed's own loss print, which neox keeps quiet (it logs by log_interval)."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class LauncherConfig:
     """Rendezvous address (None: the first host)."""
 
     deepspeed_mpi: bool = False
-    """Discover ranks from the MPI environment."""
+    """Each rank reads its RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR from MPI (a job started by mpirun) through DeepSpeed's mpi_discovery, as GPT-NeoX does; needs mpi4py. MASTER_PORT is master_port (unset: 29500)."""
 
     comment: str | None = None
     """Passed as --comment to srun (some clusters require it)."""

@@ -10,26 +10,35 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from neox.config.derive import key_error
+from neox.config.derive import key_error, mlp_shape
 from neox.errors import ConfigError
 
 if TYPE_CHECKING:
     from neox.config.args import NeoXArgs
+    from neox.config.model import ModelConfig
 
 ATTENTION_TYPES = ("global", "flash")
 ACTIVATIONS = ("gelu", "relu", "silu")
+PARTITION_METHODS = ("parameters", "uniform")
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
 
 
-def required_shape(a: NeoXArgs) -> None:
+# Model rules take the ModelConfig (derived, or built directly as tools and tests do) and the tensor-
+# parallel size: the config runs them when it is read, GPTModel again for a config built directly.
+
+
+def _kv_heads(m: ModelConfig) -> int:
+    return 1 if m.attention_type == "multiquery" else (m.num_kv_heads or m.num_attention_heads)
+
+
+def required_shape(m: ModelConfig, mp: int) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings"):
-        value = getattr(a.model, key)
+        value = getattr(m, key)
         if value is None or value <= 0:
             raise key_error(key, f"expected a positive integer, got {value!r}")
 
 
-def hidden_divisible_by_heads(a: NeoXArgs) -> None:
-    m = a.model
+def hidden_divisible_by_heads(m: ModelConfig, mp: int) -> None:
     if m.hidden_size % m.num_attention_heads:
         raise key_error(
             ("hidden_size", "num_attention_heads"),
@@ -37,32 +46,101 @@ def hidden_divisible_by_heads(a: NeoXArgs) -> None:
         )
 
 
-def heads_divisible_by_kv_heads(a: NeoXArgs) -> None:
-    m = a.model
-    if m.num_kv_heads <= 0 or m.num_kv_heads > m.num_attention_heads or m.num_attention_heads % m.num_kv_heads:
+def heads_divisible_by_kv_heads(m: ModelConfig, mp: int) -> None:
+    nkv = _kv_heads(m)
+    if nkv <= 0 or nkv > m.num_attention_heads or m.num_attention_heads % nkv:
         raise key_error(
             ("num_kv_heads", "num_attention_heads"),
-            f"num_attention_heads {m.num_attention_heads} is not divisible by num_kv_heads {m.num_kv_heads}",
+            f"num_attention_heads {m.num_attention_heads} is not divisible by num_kv_heads {nkv}",
         )
 
 
-def heads_divisible_by_model_parallel(a: NeoXArgs) -> None:
-    mp = a.parallel.model_parallel_size
-    for key in ("num_attention_heads", "num_kv_heads"):
-        if getattr(a.model, key) % mp:
-            raise key_error(
-                (key, "model_parallel_size"),
-                f"{key} {getattr(a.model, key)} is not divisible by model_parallel_size {mp}",
-            )
+def heads_divisible_by_model_parallel(m: ModelConfig, mp: int) -> None:
+    for key, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", _kv_heads(m))):
+        if value % mp:
+            raise key_error((key, "model_parallel_size"), f"{key} {value} is not divisible by model_parallel_size {mp}")
 
 
-def mlp_divisible_by_model_parallel(a: NeoXArgs) -> None:
-    mp = a.parallel.model_parallel_size
-    if a.model.intermediate_size % mp:
+def mlp_divisible_by_model_parallel(m: ModelConfig, mp: int) -> None:
+    size = mlp_shape(m).intermediate_size
+    if size % mp:
         raise key_error(
             ("intermediate_size", "model_parallel_size"),
-            f"intermediate_size {a.model.intermediate_size} is not divisible by model_parallel_size {mp}",
+            f"intermediate_size {size} is not divisible by model_parallel_size {mp}",
         )
+
+
+def sequence_fits_positions(m: ModelConfig, mp: int) -> None:
+    if m.pos_emb == "learned" and m.seq_length > m.max_position_embeddings:
+        raise key_error(
+            ("seq_length", "max_position_embeddings"),
+            f"seq_length {m.seq_length} exceeds max_position_embeddings {m.max_position_embeddings}",
+        )
+
+
+def rotary_dims(m: ModelConfig, mp: int) -> None:
+    if not 0.0 < m.rotary_pct <= 1.0:
+        raise key_error("rotary_pct", f"expected a fraction in (0, 1], got {m.rotary_pct}")
+    if m.pos_emb == "rotary" and int(m.hidden_size // m.num_attention_heads * m.rotary_pct) % 2:
+        raise key_error("rotary_pct", f"{m.rotary_pct} gives an odd number of rotary channels per head "
+                        "(the rotated part of each head must have an even number of dimensions)")
+
+
+def known_attention_types(m: ModelConfig, mp: int) -> None:
+    for kind in sorted(set(m.attention_config or [])):
+        if kind not in ATTENTION_TYPES:
+            raise key_error("attention_config", f"attention type {kind!r} is not supported (expected one of {ATTENTION_TYPES})")
+
+
+def known_activation(m: ModelConfig, mp: int) -> None:
+    if mlp_shape(m).activation not in ACTIVATIONS:
+        raise key_error("activation", f"{m.activation!r} is not supported (expected gelu, relu, silu/swish, or swiglu/geglu/reglu)")
+
+
+def dropout_probabilities(m: ModelConfig, mp: int) -> None:
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            raise key_error(key, f"expected a probability in [0, 1), got {getattr(m, key)}")
+
+
+def sliding_window(m: ModelConfig, mp: int) -> None:
+    if m.sliding_window_width is not None and m.sliding_window_width < 1:
+        raise key_error("sliding_window_width", f"expected a positive number of earlier tokens, got {m.sliding_window_width}")
+
+
+def unimplemented_model_features(m: ModelConfig, mp: int) -> None:
+    """Model keys GPT-NeoX has and neox does not implement: an error when set, not a different model."""
+    if m.use_qk_layernorm:
+        raise key_error("use_qk_layernorm", "query/key layernorm is not implemented; set it to false")
+    if m.output_layer_parallelism != "column":
+        raise key_error("output_layer_parallelism", f"only 'column' (the output layer split by vocabulary) is "
+                        f"implemented, got {m.output_layer_parallelism!r}; set 'column' (the trained model is the same)")
+
+
+MODEL_RULES: list[Callable[[ModelConfig, int], None]] = [
+    required_shape,
+    known_attention_types,  # an architecture neox lacks (Mamba, RWKV, ...) first: its other keys may not apply
+    hidden_divisible_by_heads,
+    heads_divisible_by_kv_heads,
+    heads_divisible_by_model_parallel,
+    mlp_divisible_by_model_parallel,
+    sequence_fits_positions,
+    rotary_dims,
+    known_activation,
+    dropout_probabilities,
+    sliding_window,
+    unimplemented_model_features,
+]
+
+
+def validate_model(m: ModelConfig, model_parallel_size: int = 1) -> None:
+    """Run the model rules; the first broken one raises a ConfigError."""
+    for rule in MODEL_RULES:
+        rule(m, model_parallel_size)
+
+
+def model_rules(a: NeoXArgs) -> None:
+    validate_model(a.model, a.parallel.model_parallel_size)
 
 
 def vocab_divisible_by_model_parallel(a: NeoXArgs) -> None:
@@ -98,38 +176,31 @@ def pipeline_with_zero_stage(a: NeoXArgs) -> None:
         )
 
 
-def sequence_fits_positions(a: NeoXArgs) -> None:
-    m = a.model
-    if m.pos_emb == "learned" and m.seq_length > m.max_position_embeddings:
-        raise key_error(
-            ("seq_length", "max_position_embeddings"),
-            f"seq_length {m.seq_length} exceeds max_position_embeddings {m.max_position_embeddings}",
-        )
 
 
-def rotary_dims(a: NeoXArgs) -> None:
-    m = a.model
-    if not 0.0 < m.rotary_pct <= 1.0:
-        raise key_error("rotary_pct", f"expected a fraction in (0, 1], got {m.rotary_pct}")
-    if m.pos_emb == "rotary" and int(m.hidden_size // m.num_attention_heads * m.rotary_pct) % 2:
-        raise key_error("rotary_pct", "the rotated part of each head must have an even number of dimensions")
 
 
-def known_attention_types(a: NeoXArgs) -> None:
-    for kind in set(a.model.attention_config):
-        if kind not in ATTENTION_TYPES:
-            raise key_error("attention_config", f"attention type {kind!r} is not supported (expected one of {ATTENTION_TYPES})")
 
 
-def known_activation(a: NeoXArgs) -> None:
-    if a.model.activation not in ACTIVATIONS:
-        raise key_error("activation", f"{a.model.activation!r} is not supported (expected gelu, relu, silu/swish, or swiglu/geglu/reglu)")
 
 
-def dropout_probabilities(a: NeoXArgs) -> None:
-    for key in ("hidden_dropout", "attention_dropout"):
-        if not 0.0 <= getattr(a.model, key) < 1.0:
-            raise key_error(key, f"expected a probability in [0, 1), got {getattr(a.model, key)}")
+
+
+def pipeline_settings(a: NeoXArgs) -> None:
+    method = a.parallel.pipe_partition_method
+    if method.lower() not in PARTITION_METHODS and not (method.lower().startswith("type:") and len(method) > 5):
+        raise key_error("pipe_partition_method", f"expected 'parameters', 'uniform' or 'type:REGEX' (DeepSpeed's "
+                        f"PipelineModule partition methods), got {method!r}")
+    if a.logging.log_grad_norm and a.parallel.pipe_parallel_size >= 1:
+        raise key_error(("log_grad_norm", "pipe_parallel_size"), "per-parameter gradient norms need pipe_parallel_size 0: "
+                        "DeepSpeed's pipeline engine runs backward and the optimizer inside one call (grad_norm, the "
+                        "global norm, is in every record)")
+
+
+def lr_scheduler_switches(a: NeoXArgs) -> None:
+    if a.lr.override_lr_scheduler and a.lr.use_checkpoint_lr_scheduler:
+        raise key_error(("override_lr_scheduler", "use_checkpoint_lr_scheduler"),
+                        "both are set: take the schedule from the config (override) or the checkpoint, not both")
 
 
 def one_half_precision(a: NeoXArgs) -> None:
@@ -312,20 +383,13 @@ def text_generation_values(a: NeoXArgs) -> None:
 
 
 RULES: list[Callable[[NeoXArgs], None]] = [
-    required_shape,
-    known_attention_types,  # an architecture neox lacks (Mamba, RWKV, ...) first: its other keys may not apply
     parallel_sizes_positive,
-    hidden_divisible_by_heads,
-    heads_divisible_by_kv_heads,
-    heads_divisible_by_model_parallel,
-    mlp_divisible_by_model_parallel,
+    model_rules,
     vocab_divisible_by_model_parallel,
     pipeline_stages_fit_layers,
     pipeline_with_zero_stage,
-    sequence_fits_positions,
-    rotary_dims,
-    known_activation,
-    dropout_probabilities,
+    pipeline_settings,
+    lr_scheduler_switches,
     one_half_precision,
     master_weights_setup,
     compile_settings,

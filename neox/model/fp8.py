@@ -2,11 +2,15 @@
 
 neox's Column/RowParallelLinear keep their parameters and tensor-parallel collectives; only the local
 shard matmul is swapped (the layers' ``linear_fn`` hook) for torchao's float8 autograd function
-``matmul_with_hp_or_float8_args``, the same one ``torchao.float8.Float8Linear`` runs. So every rank
+``matmul_with_hp_or_float8_args``, the same one ``torchao.float8.Float8Linear`` runs (at tensor
+parallel > 1, the same casts and GEMMs with the amax reduction below). So every rank
 casts its input, weight shard and output gradient to FP8 with dynamic scales (one per tensor, or one
 per row), while the all-gathers / reductions around it stay in bf16 and the state_dict, ZeRO
 partitioning, gradient clipping and checkpoints are exactly those of a bf16 run. Scales are computed
-per rank from the shard it holds (no amax reduction across tensor-parallel ranks).
+from the whole tensor, as on one rank: where a tensor-parallel rank holds a shard of a tensor and the
+scale's amax runs over the split dimension (tensorwise always; rowwise when the row is split), the
+shard's amax is all-reduced (MAX) over the tensor-parallel group first, so TP n casts every element
+with the scale TP 1 uses and trains the same losses (tests/distributed/test_fp8_train.py).
 
 This is the only module that imports torchao, and only when FP8 is on.
 """
@@ -73,13 +77,92 @@ def _mm_config(config: Any) -> Any:
     return LinearMMConfig(*(ScaledMMConfig(config.emulate, g.use_fast_accum, False, config.pad_inner_dim) for g in gemms))
 
 
-def fp8_linear_fn(plan: Fp8Plan) -> LinearFn:
-    """``linear(x, weight, bias=None)`` with F.linear's contract whose matmul is torchao's float8 one."""
+# Which dimension of each matmul operand a tensor-parallel layer splits: x [..., K] and the weight
+# transposed w_t [K, N]; grad_output g [T, N]. "last"/"first" name torchao's axiswise dims -1 / 0.
+SHARDED = {"column": {"weight_t": "last", "grad_output": "last"},  # N split; x and g's T whole
+           "row": {"input": "last", "weight_t": "first"}}  # K split; g whole
+
+
+class _GroupMesh:
+    """What torchao's amax reduction asks of a DeviceMesh (``get_group``), for a plain ProcessGroup."""
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    def get_group(self) -> Any:
+        return self._group
+
+
+def _tp_matmul() -> Any:
+    """torchao's ``matmul_with_hp_or_float8_args`` with each cast's amax all-reduced where the
+    tensor-parallel split cuts across it (the same five casts, configs and GEMMs otherwise)."""
+    from torchao.float8.config import ScalingGranularity, ScalingType
+    from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole as Role
+
+    def cast(t: torch.Tensor, cast_cfg: Any, ctx: tuple, role: Any, name: str, axis: int) -> torch.Tensor:
+        mm, config, sharded, mesh = ctx
+        if cast_cfg.scaling_type is ScalingType.DISABLED:
+            return t
+        gran = cast_cfg.scaling_granularity
+        split = sharded.get(name)
+        reduce = split is not None and (gran is ScalingGranularity.TENSORWISE or split == ("last" if axis == -1 else "first"))
+        return hp_tensor_to_float8_dynamic(t, cast_cfg.target_dtype, mm, reduce_amax=reduce, gemm_input_role=role,
+                                           device_mesh=mesh, scaling_granularity=gran,
+                                           axiswise_dim=get_maybe_axiswise_dim(axis, gran),
+                                           round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+
+    class TPFloat8Matmul(torch.autograd.Function):
+        @staticmethod
+        def forward(fctx: Any, x: torch.Tensor, w_t: torch.Tensor, ctx: tuple) -> torch.Tensor:  # type: ignore[override]
+            fctx.save_for_backward(x, w_t)
+            fctx.neox = ctx
+            c = ctx[1]
+            x8 = cast(x, c.cast_config_input, ctx, Role.INPUT, "input", -1)
+            w8 = cast(w_t, c.cast_config_weight, ctx, Role.WEIGHT, "weight_t", 0)
+            y = torch.mm(x8.reshape(-1, x8.shape[-1]), w8)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(fctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+            x, w_t = fctx.saved_tensors
+            ctx = fctx.neox
+            c = ctx[1]
+            g = grad.reshape(-1, grad.shape[-1])
+            g8 = cast(g, c.cast_config_grad_output, ctx, Role.GRAD_OUTPUT, "grad_output", -1)
+            w8 = cast(w_t, c.cast_config_weight_for_grad_input, ctx, Role.WEIGHT, "weight_t", -1)
+            grad_x = torch.mm(g8, w8.t()).reshape(*grad.shape[:-1], w_t.shape[0])
+            g8w = cast(g, c.cast_config_grad_output_for_grad_weight, ctx, Role.GRAD_OUTPUT, "grad_output", 0)
+            x8w = cast(x.reshape(-1, x.shape[-1]), c.cast_config_input_for_grad_weight, ctx, Role.INPUT, "input", 0)
+            grad_w = torch.mm(g8w.t(), x8w)
+            return grad_x, grad_w.t(), None
+
+    return TPFloat8Matmul
+
+
+def fp8_linear_fn(plan: Fp8Plan, kind: str | None = None, group: Any = None) -> LinearFn:
+    """``linear(x, weight, bias=None)`` with F.linear's contract whose matmul is torchao's float8 one.
+
+    ``kind`` ("column" / "row") and ``group`` (the layer's tensor-parallel group, None: parallel_state's):
+    with more than one rank, the casts of split tensors take their amax over the group (see SHARDED).
+    """
     _torchao()
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
+    from megatron_core.tensor_parallel.utils import group_world_size, resolve_group
+
     config = float8_config(plan)
     mm = _mm_config(config)
+    if kind is not None and group_world_size(group) > 1:
+        tp_matmul, ctx = _tp_matmul(), (mm, config, SHARDED[kind], _GroupMesh(resolve_group(group)))
+
+        def tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            y = tp_matmul.apply(x, weight.t(), ctx)
+            return y if bias is None else y + bias.to(y.dtype)
+
+        return tp_linear
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # As Float8Linear.forward: under autocast the custom function sees the autocast dtype.
@@ -112,11 +195,16 @@ def convert_block_linears(model: nn.Module, precision: Any, device: torch.device
     plan = fp8_plan(precision)
     if plan is None:
         return []
+    from megatron_core.tensor_parallel.layers import ColumnParallelLinear
+
     check_fp8_device(device, plan.emulate)
-    linear = fp8_linear_fn(plan)
     converted = block_linears(model, plan.linears)
+    fns: dict[tuple, LinearFn] = {}
     for _, layer in converted:
-        layer.linear_fn = linear
+        key = ("column" if isinstance(layer, ColumnParallelLinear) else "row", layer.group)
+        if key not in fns:
+            fns[key] = fp8_linear_fn(plan, *key)
+        layer.linear_fn = fns[key]
     if plan.note and _is_rank0():
         print(f"neox: {plan.note}", file=sys.stderr)
     return [name for name, _ in converted]

@@ -23,6 +23,7 @@ from megatron_core.tensor_parallel import (
     gather_from_sequence_parallel_region,
 )
 from megatron_core.tensor_parallel.utils import group_world_size
+from neox.config.validate import validate_model
 from neox.errors import ConfigError
 from neox.model.attention import num_kv_heads
 from neox.model.embedding import Embedding
@@ -33,19 +34,13 @@ from neox.model.rotary import rotary_cos_sin, rotary_dim
 from neox.model.transformer import TransformerBlock
 
 
-def check_model_config(cfg: Any) -> None:
-    """Raise ConfigError for settings this model does not implement."""
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{key}: expected a positive integer, got {getattr(cfg, key)!r}")
-    if cfg.output_layer_parallelism != "column":
-        raise ConfigError(f"output_layer_parallelism: only 'column' is implemented, got {cfg.output_layer_parallelism!r}")
-    if getattr(cfg, "sliding_window_width", None):
-        raise ConfigError("sliding_window_width: sliding-window attention is not implemented; remove the key")
-    if getattr(cfg, "use_qk_layernorm", False):
-        raise ConfigError("use_qk_layernorm: query/key layernorm is not implemented; set it to false")
-    if cfg.pos_emb == "rotary" and rotary_dim(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_pct) % 2:
-        raise ConfigError(f"rotary_pct: {cfg.rotary_pct} gives an odd number of rotary channels per head")
+def check_model_config(cfg: Any, model_parallel_size: int = 1) -> None:
+    """The config's model rules (``neox.config.validate``), for a ModelConfig built directly, and the
+    vocabulary size a model needs and a read config may not know yet (no tokenizer at a dry run)."""
+    validate_model(cfg, model_parallel_size)
+    if not cfg.padded_vocab_size:
+        raise ConfigError(f"padded_vocab_size: expected a positive integer, got {cfg.padded_vocab_size!r} "
+                          "(it is derived from the tokenizer's vocabulary)")
 
 
 def rotary_for(cfg: Any, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -79,7 +74,7 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: Any, *, sequence_parallel: bool = False, seed: int = 1234,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        check_model_config(cfg)
+        check_model_config(cfg, group_world_size(None))
         self.cfg = cfg
         self.sequence_parallel = sequence_parallel and group_world_size(None) > 1
         init = ModelInit(cfg, seed)

@@ -14,33 +14,18 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from neox.errors import ConfigError
+from neox.config.derive import mlp_has_bias, mlp_shape
 
-_ACT = {"gelu": F.gelu, "geglu": F.gelu, "relu": F.relu, "reglu": F.relu, "silu": F.silu, "swish": F.silu, "swiglu": F.silu}
-_GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu")
+_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 def is_gated(cfg: Any) -> bool:
-    return cfg.mlp_type == "llama" or cfg.activation in _GATED_ACTIVATIONS
-
-
-def mlp_has_bias(cfg: Any) -> bool:
-    """NeoX's LLaMA MLP has no biases whatever use_bias_in_mlp says."""
-    return cfg.use_bias_in_mlp and cfg.mlp_type != "llama"
+    return mlp_shape(cfg).gated
 
 
 def ffn_size(cfg: Any) -> int:
-    """Inner size per branch: ``intermediate_size`` if set (derived), else NeoX's rule."""
-    if cfg.intermediate_size:
-        return cfg.intermediate_size
-    h = cfg.hidden_size
-    if cfg.expansion_factor:
-        return int(cfg.expansion_factor * h)
-    if not is_gated(cfg):
-        return 4 * h
-    multiple = 256 if cfg.mlp_type == "llama" else max(cfg.mlp_multiple_of, 1)
-    ff = int(2 * 4 * h / 3)
-    return multiple * ((ff + multiple - 1) // multiple)
+    """Inner size per branch, by the config's one rule (``neox.config.derive.mlp_shape``)."""
+    return mlp_shape(cfg).intermediate_size
 
 
 class MLP(nn.Module):
@@ -49,11 +34,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: Any, prefix: str, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if cfg.activation not in _ACT:
-            raise ConfigError(f"activation: expected one of {sorted(_ACT)}, got {cfg.activation!r}")
-        self.gated = is_gated(cfg)
-        self.act = _ACT[cfg.activation]
-        ffn, h = ffn_size(cfg), cfg.hidden_size
+        shape = mlp_shape(cfg)
+        self.gated = shape.gated
+        self.act = _ACT[shape.activation]
+        ffn, h = shape.intermediate_size, cfg.hidden_size
         bias = mlp_has_bias(cfg)
         kw = dict(sequence_parallel=sequence_parallel, group=group, device=device, dtype=dtype)
         self.linear1 = ColumnParallelLinear(

@@ -84,8 +84,9 @@ class GPTModelPipe(PipelineModule):
     def __init__(self, cfg: Any, *, topology: Any, sequence_parallel: bool = False, seed: int = 1234,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  partition_method: str = "type:transformer|mlp") -> None:
-        check_model_config(cfg)
         from megatron_core.tensor_parallel.utils import group_world_size
+
+        check_model_config(cfg, group_world_size(None))
 
         self.cfg, self.num_layers = cfg, cfg.num_layers
         sp = sequence_parallel and group_world_size(None) > 1

@@ -16,19 +16,11 @@ import sys
 from typing import TextIO
 
 from neox.errors import ConfigError
+from neox.training.engine import installed_op
 
 # first-build time on 2 CPU cores (DeepSpeed 0.19.8, torch 2.13, g++ 12: 173 s of compiler CPU time over its two
 # sources, built in parallel)
 BUILD_SECONDS = {"cpu_adam": 90}
-
-
-def installed_op(name: str) -> bool:
-    """The op was compiled when DeepSpeed was installed (DS_BUILD_<OP>=1)."""
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        return False
-    return bool(installed_ops.get(name))
 
 
 def is_cached(name: str) -> bool:

@@ -6,18 +6,21 @@ rank), as in NeoX, so the samples drawn match what the data builder sized the sp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from neox.training.engine import Engine
 from neox.training.step import dp_mean, get_batch
 
 
 @torch.no_grad()
-def evaluate(engine: Any, data_iter: Iterator, eval_iters: int, *, eod: int | None, eod_mask_loss: bool,
-             device: torch.device, loss_fn: Any, is_pipe: bool) -> float:
-    """Mean loss over ``eval_iters`` global batches, averaged over data-parallel ranks."""
+def evaluate(engine: Engine, data_iter: Iterator, eval_iters: int, *, eod: int | None, eod_mask_loss: bool,
+             device: torch.device, loss_fn: Any) -> float:
+    """Mean loss over ``eval_iters`` global batches, averaged over data-parallel ranks (on the pipeline
+    engine, ``data_iter`` yields ``pipe_batches``)."""
+    is_pipe = engine.is_pipeline
     losses = []
     for _ in range(eval_iters):
         if is_pipe:
@@ -33,8 +36,8 @@ def evaluate(engine: Any, data_iter: Iterator, eval_iters: int, *, eod: int | No
     return float(mean if is_pipe else dp_mean(mean))
 
 
-def fixed_batch_loss_fn(engine: Any, *, vocab_size: int, micro_batch: int, seq_length: int, seed: int,
-                        device: torch.device, loss_fn: Any, is_pipe: bool) -> Any:
+def fixed_batch_loss_fn(engine: Engine, *, vocab_size: int, micro_batch: int, seq_length: int, seed: int,
+                        device: torch.device, loss_fn: Any) -> Callable[[], float]:
     """A collective returning the loss of one seeded random batch: the checkpoint's forward-pass check.
 
     The same weights give the same loss before saving and after loading, at any data-parallel size.
@@ -45,7 +48,7 @@ def fixed_batch_loss_fn(engine: Any, *, vocab_size: int, micro_batch: int, seq_l
     batch = {"text": torch.randint(0, vocab_size, (micro_batch, seq_length + 1), generator=gen)}
 
     def run() -> float:
-        if is_pipe:
+        if engine.is_pipeline:
             from neox.training.step import pipe_batches
 
             return float(engine.eval_batch(pipe_batches(itertools.repeat(batch), None, False)).float())

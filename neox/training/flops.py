@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from neox.config import ModelConfig
+from neox.config.derive import mlp_has_bias, mlp_shape
 
 # Dense bf16 peaks (TFLOP/s, datasheet). Matched as substrings of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -19,10 +20,10 @@ PEAK_ENV = "NEOX_PEAK_TFLOPS"
 
 
 def _mlp_params(cfg: ModelConfig, h: int) -> int:
-    ffn = cfg.intermediate_size or 4 * h
-    gated = cfg.mlp_type == "llama" or cfg.activation in ("swiglu", "geglu", "reglu")
+    shape = mlp_shape(cfg)
+    ffn, gated = shape.intermediate_size, shape.gated
     weights = (3 if gated else 2) * h * ffn
-    bias = ((2 * ffn if gated else ffn) + h) if cfg.use_bias_in_mlp else 0
+    bias = ((2 * ffn if gated else ffn) + h) if mlp_has_bias(cfg) else 0
     return weights + bias
 
 

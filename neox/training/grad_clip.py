@@ -4,7 +4,7 @@ That engine (fp32, or ``torch_autocast`` with fp32 parameters) clips through Dee
 ``clip_grad_norm_``: one norm kernel and one multiply per parameter, and it does not keep the norm,
 so the step used to compute it a second time. Here the norm is one ``_foreach_norm`` over every
 gradient and the scaling one ``_foreach_mul_``, with no host sync; DeepSpeed's own clipping is then
-switched off (``optim.deepspeed_config_for``). Measured on an H100 at 1.1B parameters: see
+switched off (``engine.runtime_config``). Measured on an H100 at 1.1B parameters: see
 docs/performance.md.
 """
 

@@ -15,8 +15,10 @@ from neox.config import NeoXArgs
 from neox.errors import NeoXError
 from neox.logging import MetricsLogger, max_memory_gib
 from neox.training import flops
+from neox.training.engine import Engine
 from neox.training.eval import evaluate
 from neox.training.fast_path import FirstStepTimer
+from neox.training.norms import GradNorms, norm_fields
 from neox.training.preemption import StopRequests
 from neox.training.profiler import IterationProfiler
 from neox.training.state import TrainState
@@ -32,7 +34,7 @@ class TrainContext:
     """Everything the loop needs besides the run state (built once by ``pretrain``)."""
 
     args: NeoXArgs
-    engine: Any
+    engine: Engine
     device: torch.device
     loss_fn: Callable
     eod: int | None
@@ -40,14 +42,14 @@ class TrainContext:
     stop: StopRequests
     save_fn: Callable[[TrainState, int], None] | None = None
     peak_tflops: float | None = None
-    losses: list[float] = field(default_factory=list)
-    """Every iteration's loss (kept for tests and the final summary)."""
     weights_suspect: bool = False
     """A step with a non-finite loss was applied (no fp16 loss scaler skipped it): don't save."""
+    grad_norms: GradNorms | None = None
+    """log_grad_norm: the per-parameter gradient norms of the latest step (set by ``train``)."""
 
     @property
     def is_pipe(self) -> bool:
-        return self.args.parallel.pipe_parallel_size >= 1
+        return self.engine.is_pipeline
 
     @property
     def global_batch(self) -> int:
@@ -92,14 +94,6 @@ def should_save(args: NeoXArgs, iteration: int) -> bool:
     return iteration % factor == 0
 
 
-def _loss_scale(engine: Any) -> float:
-    if not engine.fp16_enabled():
-        return 1.0
-    opt = engine.optimizer
-    cfg = getattr(opt, "loss_scale_config", None)
-    return float(cfg.cur_scale if cfg is not None else getattr(opt, "cur_scale", 1.0))
-
-
 def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window) -> dict[str, Any]:
     args = ctx.args
     seq = args.model.seq_length
@@ -108,7 +102,7 @@ def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window)
     tp = flops.throughput(args.model, tokens, win.seconds, args.parallel.world_size or 1, ctx.peak_tflops)
     rec = {
         "iteration": state.iteration, "lm_loss": win.loss_sum / win.loss_count if win.loss_count else res.loss, "lr": float(ctx.engine.get_lr()[0]),
-        "grad_norm": res.grad_norm, "loss_scale": _loss_scale(ctx.engine),
+        "grad_norm": res.grad_norm, "loss_scale": ctx.engine.loss_scale(),
         "samples_per_sec": ctx.global_batch * win.iters / max(win.seconds, 1e-9),
         "tokens_per_sec": tokens / max(win.seconds, 1e-9),
         "tflops_per_gpu": tp["tflops_per_gpu"], "hardware_tflops_per_gpu": tp["hardware_tflops_per_gpu"],
@@ -119,6 +113,7 @@ def _record(ctx: TrainContext, state: TrainState, res: StepResult, win: _Window)
     }
     if win.timers_ms:
         rec["timers_ms"] = {k: v / max(win.iters, 1) for k, v in win.timers_ms.items()}
+    rec.update(norm_fields(ctx.engine, args.logging.log_param_norm, ctx.grad_norms))
     return rec
 
 
@@ -128,7 +123,7 @@ def _step(ctx: TrainContext, train_iter: Iterator) -> LaunchedStep:
         return train_step_pipe(ctx.engine, train_iter, device=ctx.device, breakdown=breakdown)
     return train_step(ctx.engine, train_iter, eod=ctx.eod, eod_mask_loss=ctx.args.data.eod_mask_loss,
                       device=ctx.device, loss_fn=ctx.loss_fn, grad_clip=ctx.args.optim.gradient_clipping,
-                      breakdown=breakdown)
+                      breakdown=breakdown, grad_norms=ctx.grad_norms)
 
 
 def _account(ctx: TrainContext, state: TrainState, res: StepResult, nan_run: int) -> int:
@@ -136,7 +131,6 @@ def _account(ctx: TrainContext, state: TrainState, res: StepResult, nan_run: int
     state.iteration += 1
     state.consumed_train_samples += ctx.global_batch
     state.consumed_tokens += ctx.global_batch * ctx.args.model.seq_length
-    ctx.losses.append(res.loss)
     if not res.applied:
         state.skipped_iters += 1
     if math.isfinite(res.loss):
@@ -162,8 +156,7 @@ def run_eval(ctx: TrainContext, state: TrainState, data_iter: Iterator | None, s
     if ctx.is_pipe:
         data_iter = pipe_batches(data_iter, ctx.eod, ctx.args.data.eod_mask_loss)
     loss = evaluate(ctx.engine, data_iter, ctx.args.training.eval_iters, eod=ctx.eod,
-                    eod_mask_loss=ctx.args.data.eod_mask_loss, device=ctx.device, loss_fn=ctx.loss_fn,
-                    is_pipe=ctx.is_pipe)
+                    eod_mask_loss=ctx.args.data.eod_mask_loss, device=ctx.device, loss_fn=ctx.loss_fn)
     if split == "validation":
         state.consumed_valid_samples += ctx.global_batch * ctx.args.training.eval_iters
     ctx.logger.log_eval(split, state.iteration, loss)
@@ -201,6 +194,8 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     source = pipe_batches(train_iter, ctx.eod, args.data.eod_mask_loss) if ctx.is_pipe else train_iter
     win, nan_run, last_saved = _Window(), 0, None
     lg = args.logging
+    if lg.log_grad_norm and not ctx.is_pipe:  # validation refuses it with the pipeline engine
+        ctx.grad_norms = GradNorms(ctx.engine.loss_scale)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
     launched, pending = state.iteration, None

@@ -19,25 +19,18 @@ import math
 from typing import Any
 
 from neox.config import LRConfig
-from neox.errors import ConfigError
+from neox.config.derive import lr_schedule
+from neox.errors import CheckpointError, ConfigError
 
 
 def resolve_schedule(cfg: LRConfig, train_iters: int, base_lr: float) -> dict[str, Any]:
-    """The schedule's numbers from the config: peak lr, min lr, warmup and decay lengths, style."""
-    if cfg.lr_decay_iters is not None:
-        decay_iters = cfg.lr_decay_iters
-    elif getattr(cfg, "lr_decay_fraction", None) is not None:
-        decay_iters = math.floor(train_iters * cfg.lr_decay_fraction)
-    else:
-        decay_iters = train_iters
-    decay_iters = max(1, decay_iters)
-    # NeoX keeps warmup as a float fraction of the decay length; warmup_iters overrides it.
-    warmup = float(cfg.warmup_iters) if cfg.warmup_iters is not None else cfg.warmup * decay_iters
-    if warmup < 0 or warmup > decay_iters:
-        raise ConfigError(f"warmup_iters: expected a value in [0, lr_decay_iters={decay_iters}], got {warmup}")
-    min_lr = cfg.decay_lr_to * base_lr if cfg.decay_lr_to is not None else cfg.min_lr
-    return {"lr": base_lr, "min_lr": min_lr, "warmup_iters": warmup, "decay_iters": decay_iters,
-            "style": cfg.lr_decay_style}
+    """The schedule's numbers (peak lr, min lr, warmup and decay lengths, style) by the config's one rule,
+    ``neox.config.derive.lr_schedule``; a derived config already holds them."""
+    s = lr_schedule(cfg, train_iters, base_lr)
+    if s.decay_iters is None:
+        raise ConfigError("train_iters: expected a positive integer to train (the schedule decays over it)")
+    return {"lr": base_lr, "min_lr": s.min_lr, "warmup_iters": s.warmup_iters, "decay_iters": s.decay_iters,
+            "style": s.style}
 
 
 def lr_at(iteration: float, *, lr: float, min_lr: float, warmup_iters: float, decay_iters: int,
@@ -61,11 +54,20 @@ def lr_at(iteration: float, *, lr: float, min_lr: float, warmup_iters: float, de
 
 
 class AnnealingLR:
-    """Sets every param group's lr from ``lr_at``; DeepSpeed calls ``step()`` after each applied step."""
+    """Sets every param group's lr from ``lr_at``; DeepSpeed calls ``step()`` after each applied step.
 
-    def __init__(self, optimizer: Any, schedule: dict[str, Any], last_iter: int = 0) -> None:
+    On checkpoint load, as GPT-NeoX's AnnealingLR: ``override`` (override_lr_scheduler) keeps the
+    config's schedule, ``use_checkpoint`` (use_checkpoint_lr_scheduler) takes the checkpoint's, and with
+    neither the two must agree (a CheckpointError names what differs). The position always comes back.
+    """
+
+    def __init__(self, optimizer: Any, schedule: dict[str, Any], last_iter: int = 0, *,
+                 override: bool = False, use_checkpoint: bool = False) -> None:
+        if override and use_checkpoint:
+            raise ConfigError("override_lr_scheduler: both it and use_checkpoint_lr_scheduler are set; set one")
         self.optimizer = optimizer
         self.schedule = dict(schedule)
+        self.override, self.use_checkpoint = override, use_checkpoint
         self.num_iters = last_iter
         self.step(last_iter)
 
@@ -86,5 +88,20 @@ class AnnealingLR:
         return {"num_iters": self.num_iters, **self.schedule}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        # The config's schedule wins (so a resumed run may change it); only the position is restored.
+        saved = {k: sd[k] for k in self.schedule if k in sd}
+        if self.use_checkpoint:
+            self.schedule.update(saved)
+        elif not self.override:
+            differ = [k for k, v in saved.items() if not _same(v, self.schedule[k])]
+            if differ:
+                both = ", ".join(f"{k} {saved[k]!r} (config {self.schedule[k]!r})" for k in differ)
+                raise CheckpointError(f"lr_scheduler: the checkpoint's schedule differs from the config's: {both}; set "
+                                      "override_lr_scheduler: true to use the config's or use_checkpoint_lr_scheduler: "
+                                      "true to use the checkpoint's")
         self.step(int(sd.get("num_iters", 0)))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b

@@ -1,6 +1,6 @@
 """The optimizer and its parameter groups.
 
-We build the optimizer ourselves and hand it to ``deepspeed.initialize`` (whose config then has no
+We build the optimizer ourselves and hand it to ``deepspeed.initialize`` (the DeepSpeed config has no
 "optimizer" block) rather than letting DeepSpeed build it from the config, because:
 - the parameter groups are ours: no weight decay on norms and biases, which DeepSpeed's config path
   does not do (it applies one weight decay to every parameter);
@@ -19,7 +19,7 @@ import torch
 
 from neox.config import NeoXArgs, fast_path
 from neox.errors import ConfigError
-from neox.training.grad_clip import uses_own_clipping
+from neox.training import engine as boundary
 from neox.training.master_weights import MasterWeightAdamW, to_half_parameters
 
 ADAM_TYPES = ("adam", "adamw", "fusedadam", "cpu_adam")
@@ -49,14 +49,6 @@ def base_lr(args: NeoXArgs) -> float:
 
 def _offloads_optimizer(zero: dict[str, Any]) -> bool:
     return (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-
-
-def _installed_op(name: str) -> bool:
-    try:
-        from deepspeed.git_version_info import installed_ops
-    except ImportError:
-        return False
-    return bool(installed_ops.get(name))
 
 
 def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device) -> torch.optim.Optimizer:
@@ -90,33 +82,10 @@ def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device
                                  accumulate_fp32=fp32_sums, skip_nonfinite=fast_path.skips_nonfinite(args),
                                  dp_group=dp_group)
     offload = _offloads_optimizer(args.optim.zero_optimization)
-    if kind == "cpu_adam" and (offload or device.type == "cpu") or offload and _installed_op("cpu_adam"):
+    if kind == "cpu_adam" and (offload or device.type == "cpu") or offload and boundary.installed_op("cpu_adam"):
         # prebuilt, or named (GPT-NeoX's cpu_adam): DeepSpeed's CPU Adam, JIT-compiled on first use if need be
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        from neox.training.ds_ops import announce_build
-
-        announce_build("cpu_adam")
-        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
-    if device.type == "cuda" and _installed_op("fused_adam"):
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+        return boundary.deepspeed_adam(groups, cpu=True, lr=lr, betas=betas, eps=eps)
+    if device.type == "cuda" and boundary.installed_op("fused_adam"):
+        return boundary.deepspeed_adam(groups, cpu=False, lr=lr, betas=betas, eps=eps)
     fused = device.type == "cuda" and not _offloads_optimizer(args.optim.zero_optimization)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
-def deepspeed_config_for(args: NeoXArgs, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``args.deepspeed_config()`` without the blocks we build ourselves (optimizer, scheduler)."""
-    config = dict(args.deepspeed_config())
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    zero = int((config.get("zero_optimization") or {}).get("stage", 0))
-    if (args.parallel.pipe_parallel_size == 0 and
-            uses_own_clipping(zero, (config.get("fp16") or {}).get("enabled", False),
-                              (config.get("bf16") or {}).get("enabled", False))):
-        config["gradient_clipping"] = 0.0  # train_step clips (foreach kernels, keeps the norm)
-    if _offloads_optimizer(config.get("zero_optimization") or {}) and type(optimizer).__name__ != "DeepSpeedCPUAdam":
-        # Without DeepSpeed's compiled CPU Adam, offload runs torch AdamW on the CPU copy.
-        config["zero_force_ds_cpu_optimizer"] = False
-    return config

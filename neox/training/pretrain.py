@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import os
 import random
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,21 +19,24 @@ from megatron_core import parallel_state
 from neox.config import NeoXArgs
 from neox.config.run import inference_load_dir
 from neox.logging import MetricsLogger
+from neox.training import engine as boundary
 from neox.training import flops
+from neox.training.engine import Engine
 from neox.training.eval import fixed_batch_loss_fn
 from neox.training.loop import TrainContext, train
 from neox.training.lr_schedule import AnnealingLR, resolve_schedule
-from neox.training.optim import base_lr, build_optimizer, deepspeed_config_for
+from neox.training.optim import base_lr, build_optimizer
 from neox.training.preemption import StopRequests
 from neox.training.state import TrainState
 
 
 @dataclass
 class TrainResult:
-    """What a finished (or stopped) run returns: its final state and every iteration's loss."""
+    """What a finished (or stopped) run returns: its final state and why it stopped early (None: it did not).
+
+    Losses are not kept: each logged iteration's is in ``{log_dir}/metrics.jsonl``."""
 
     state: TrainState
-    losses: list[float] = field(default_factory=list)
     stop_reason: str | None = None
 
 
@@ -46,6 +48,8 @@ def _free_port() -> int:
 
 def init_distributed(args: NeoXArgs) -> torch.device:
     """torch.distributed (NCCL on GPU, gloo on CPU) and the tensor/pipeline/data groups; the device."""
+    if args.launcher.deepspeed_mpi and not dist.is_initialized():
+        discover_mpi(args)
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -57,41 +61,28 @@ def init_distributed(args: NeoXArgs) -> torch.device:
                               MASTER_PORT=str(_free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo")
         atexit.register(shutdown)  # released before interpreter teardown, see shutdown()
-    import deepspeed
-
-    if not use_cuda:
-        use_cpu_accelerator_without_shm_op()
-    # PipelineModule asks deepspeed.comm for ranks before deepspeed.initialize would set it up.
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    boundary.init_backend(dist.get_backend(), cpu=not use_cuda)
     if not parallel_state.is_initialized():
         parallel_state.initialize_model_parallel(args.parallel.model_parallel_size,
                                                  max(args.parallel.pipe_parallel_size, 1))
     return device
 
 
-def use_cpu_accelerator_without_shm_op() -> None:
-    """Keep DeepSpeed from building its CPU shared-memory all-reduce op (``deepspeed_shm_comm``).
+def discover_mpi(args: NeoXArgs) -> None:
+    """``deepspeed_mpi``, as GPT-NeoX's configure_distributed_args: this rank's RANK, WORLD_SIZE, LOCAL_RANK
+    and MASTER_ADDR/PORT from MPI (mpirun, no DeepSpeed runner), through DeepSpeed's ``mpi_discovery``."""
+    from neox.errors import ConfigError
 
-    DeepSpeed 0.19's comm backend (TorchBackend) loads that op whenever the CPU accelerator offers it:
-    a JIT compile of about 75 s on a machine's first CPU run (needing a C++ compiler and ninja at run
-    time), then a 69 MB /dev/shm buffer per rank. The op serves only ``inference_all_reduce``
-    (DeepSpeed inference's tensor-parallel layers), which neox never calls: its collectives are
-    torch.distributed's. DeepSpeed asks the accelerator for the op's builder; this one has none.
-    """
-    from deepspeed.accelerator import get_accelerator, set_accelerator
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-    current = get_accelerator()
-    if type(current) is not CPU_Accelerator:  # another accelerator, or already this one
-        return
-
-    class CPUAcceleratorWithoutShmOp(CPU_Accelerator):
-        def create_op_builder(self, op_name: str) -> Any:
-            return None if op_name == "ShareMemCommBuilder" else super().create_op_builder(op_name)
-
-    replacement = CPUAcceleratorWithoutShmOp()
-    replacement.max_mem = current.max_mem  # the peak-memory baseline DeepSpeed took at start
-    set_accelerator(replacement)
+    try:
+        import mpi4py  # noqa: F401  (mpi_discovery imports it)
+    except ImportError:
+        raise ConfigError("deepspeed_mpi: reading the ranks from MPI needs mpi4py (pip install mpi4py)") from None
+    # GPT-NeoX's default port where the config leaves it free (every MPI rank must agree on it)
+    boundary.mpi_discovery(args.launcher.master_port or 29500)
+    world = args.parallel.world_size
+    if world is not None and int(os.environ["WORLD_SIZE"]) != world:
+        raise ConfigError(f"deepspeed_mpi: MPI reports {os.environ['WORLD_SIZE']} ranks but the config was resolved "
+                          f"for world_size {world} (num_gpus * num_nodes)")
 
 
 def shutdown() -> None:
@@ -104,19 +95,7 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    release_cpu_allreduce_buffer()
-
-
-def release_cpu_allreduce_buffer() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU shared-memory all-reduce.
-
-    DeepSpeed creates ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}`` (69 MB) on every CPU
-    rank and never unlinks it, so each CPU run left memory-backed files behind until /dev/shm was full.
-    """
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join("/dev/shm", name))
+    boundary.release_cpu_allreduce_buffer()
 
 
 def set_seeds(seed: int) -> None:
@@ -134,19 +113,18 @@ def build_model(args: NeoXArgs, device: torch.device) -> torch.nn.Module:
     from neox.model.fp8 import convert_block_linears
 
     seed, sp = args.training.seed, args.parallel.sequence_parallel
-    if args.parallel.pipe_parallel_size == 0:
+    if not boundary.uses_pipeline(args.parallel):
         from neox.model import GPTModel
 
         model = GPTModel(args.model, sequence_parallel=sp, seed=seed, device=device)
     else:
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
         from neox.model.pipe import GPTModelPipe
 
-        topo = PipeModelDataParallelTopology(num_pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                                             num_mp=parallel_state.get_tensor_model_parallel_world_size(),
-                                             num_dp=parallel_state.get_data_parallel_world_size())
-        model = GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed)
+        topo = boundary.pipeline_topology(pipe=parallel_state.get_pipeline_model_parallel_world_size(),
+                                        tensor=parallel_state.get_tensor_model_parallel_world_size(),
+                                        data=parallel_state.get_data_parallel_world_size())
+        model = GPTModelPipe(args.model, topology=topo, sequence_parallel=sp, seed=seed,
+                             partition_method=args.parallel.pipe_partition_method)
     convert_block_linears(model, args.precision, device)
     return compile_blocks(model, args, device)
 
@@ -202,24 +180,17 @@ def training_loss_fn(args: NeoXArgs, device: torch.device, loss_fn: Any) -> Any:
     return loss_fn
 
 
-def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -> tuple[Any, AnnealingLR]:
-    """deepspeed.initialize with our optimizer, schedule and mpu (the pipe engine uses its own grid)."""
-    import deepspeed
-
+def build_engine(args: NeoXArgs, model: torch.nn.Module, device: torch.device) -> tuple[Engine, AnnealingLR]:
+    """The DeepSpeed engine over our optimizer, schedule and mpu (``neox.training.engine``)."""
     optimizer = build_optimizer(model, args, device)
     schedule = resolve_schedule(args.lr, args.training.train_iters or 0, base_lr(args))
-    scheduler = AnnealingLR(optimizer, schedule)
-    is_pipe = args.parallel.pipe_parallel_size >= 1
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_for(args, optimizer),
-        mpu=None if is_pipe else parallel_state, dist_init_required=False,
-    )
-    if getattr(optimizer, "reduces_gradients", False) or (
-            not is_pipe and not engine.zero_optimization() and parallel_state.get_data_parallel_world_size() == 1):
-        # One data-parallel rank has nothing to reduce, but DeepSpeed's ZeRO-0 engine still copies
-        # every gradient through its all-reduce buckets (measured ~14 ms a step at 1.1B on an H100).
-        # MasterWeightAdamW accumulating in fp32 all-reduces its fp32 sums itself.
-        engine.enable_backward_allreduce = False
+    scheduler = AnnealingLR(optimizer, schedule, override=args.lr.override_lr_scheduler,
+                            use_checkpoint=args.lr.use_checkpoint_lr_scheduler)
+    config = boundary.runtime_config(args.deepspeed_config(), optimizer, is_pipeline=boundary.uses_pipeline(args.parallel))
+    engine = boundary.initialize(model, optimizer, config, lr_scheduler=scheduler, mpu=parallel_state,
+                                 skip_single_rank_allreduce=parallel_state.get_data_parallel_world_size() == 1)
+    if getattr(optimizer, "reduces_gradients", False):
+        engine.skip_gradient_allreduce()  # MasterWeightAdamW accumulating in fp32 all-reduces its fp32 sums itself
     return engine, scheduler
 
 
@@ -242,13 +213,12 @@ def _prepare(args: NeoXArgs) -> tuple[NeoXArgs, torch.device, Any]:
     return args, device, tokenizer
 
 
-def _validation_fn(engine: Any, args: NeoXArgs, device: torch.device, loss_fn: Any) -> Any:
+def _validation_fn(engine: Engine, args: NeoXArgs, device: torch.device, loss_fn: Any) -> Any:
     if not args.checkpoint.checkpoint_validation_with_forward_pass:
         return None
     return fixed_batch_loss_fn(
         engine, vocab_size=args.model.padded_vocab_size, micro_batch=args.training.train_micro_batch_size_per_gpu,
-        seq_length=args.model.seq_length, seed=args.training.seed, device=device, loss_fn=loss_fn,
-        is_pipe=args.parallel.pipe_parallel_size >= 1)
+        seq_length=args.model.seq_length, seed=args.training.seed, device=device, loss_fn=loss_fn)
 
 
 def resume_from_save(args: NeoXArgs) -> NeoXArgs:
@@ -264,13 +234,13 @@ def resume_from_save(args: NeoXArgs) -> NeoXArgs:
     return dataclasses.replace(args, checkpoint=dataclasses.replace(ckpt, load=where))
 
 
-def _load(engine: Any, args: NeoXArgs, validation_fn: Any) -> TrainState:
+def _load(engine: Engine, args: NeoXArgs, validation_fn: Any) -> TrainState:
     if not args.checkpoint.load:
         return TrainState()
     from neox.checkpoint import load_checkpoint
     from neox.training.master_weights import adopt_masters
 
-    state = load_checkpoint(engine, args, validation_fn=validation_fn) or TrainState()
+    state = load_checkpoint(engine, args.checkpoint, validation_fn=validation_fn) or TrainState()
     adopt_masters(engine.optimizer)  # a checkpoint saved with optimizer_master_weights, resumed without
     return state
 
@@ -289,10 +259,12 @@ def _iterators(args: NeoXArgs, state: TrainState) -> Any:
     )
 
 
-def _save_fn(engine: Any, args: NeoXArgs, validation_fn: Any) -> Any:
+def _save_fn(engine: Engine, args: NeoXArgs, validation_fn: Any) -> Any:
     from neox.checkpoint import save_checkpoint
 
-    return lambda state, iteration: save_checkpoint(engine, args, state, iteration, validation_fn=validation_fn)
+    flat = args.to_flat()  # stored next to the weights (secrets redacted)
+    return lambda state, iteration: save_checkpoint(engine, args.checkpoint, state, iteration, args_flat=flat,
+                                                    validation_fn=validation_fn)
 
 
 def _summary(args: NeoXArgs, state: TrainState, secs: float, iters: int, tokens: int, reason: str | None) -> None:
@@ -348,4 +320,4 @@ def pretrain(args: NeoXArgs) -> TrainResult:
         if rank0:
             _summary(args, state, time.perf_counter() - start, state.iteration - start_iter,
                      state.consumed_tokens - start_tokens, reason)
-    return TrainResult(state=state, losses=list(ctx.losses), stop_reason=reason)
+    return TrainResult(state=state, stop_reason=reason)

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
+from neox.training.engine import Engine
 from neox.training.grad_clip import clip_grad_norm_, release_grad_scale, uses_own_clipping
+from neox.training.norms import GradNorms
 from neox.training.readback import PendingScalars
 
 
@@ -98,17 +100,18 @@ class LaunchedStep:
         return StepResult(values["loss"], self.applied, values.get("grad_norm"), self.timers_ms)
 
 
-def _grad_norm(engine: Any) -> torch.Tensor | float | None:
+def _grad_norm(engine: Engine) -> torch.Tensor | float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else norm if torch.is_tensor(norm) else float(norm)
 
 
-def _own_clipping(engine: Any) -> bool:
+def _own_clipping(engine: Engine) -> bool:
     return uses_own_clipping(int(engine.zero_optimization_stage()), engine.fp16_enabled(), engine.bfloat16_enabled())
 
 
-def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
-               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False) -> LaunchedStep:
+def train_step(engine: Engine, data_iter: Iterator, *, eod: int | None, eod_mask_loss: bool,
+               device: torch.device, loss_fn: Any, grad_clip: float = 0.0, breakdown: bool = False,
+               grad_norms: GradNorms | None = None) -> LaunchedStep:
     """One optimizer step on a plain (non-pipeline) engine, returned without waiting for the GPU.
 
     ``grad_clip`` is applied here on engines whose clipping neox does itself (``grad_clip``
@@ -130,6 +133,8 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
         if accumulate is not None:
             accumulate(boundary)  # fp32 gradient sums (MasterWeightAdamW); all-reduced at the boundary
         t = timer.mark("backward", t)
+        if grad_norms is not None and boundary:
+            grad_norms.capture(engine.module, engine.optimizer)  # log_grad_norm: before clipping and the step
         boundary_clip = boundary and _own_clipping(engine)
         if boundary_clip:
             own_norm = clip_grad_norm_(engine.module.parameters(), grad_clip, engine.optimizer)
@@ -144,7 +149,7 @@ def train_step(engine: Any, data_iter: Iterator, *, eod: int | None, eod_mask_lo
                         bool(engine.was_step_applied()), timer.ms)
 
 
-def train_step_pipe(engine: Any, data_iter: Iterator, *, device: torch.device,
+def train_step_pipe(engine: Engine, data_iter: Iterator, *, device: torch.device,
                     breakdown: bool = False) -> LaunchedStep:
     """One optimizer step on a DeepSpeed PipelineEngine (its schedule pulls GAS micro-batches)."""
     timer = _Timer(breakdown, device)

@@ -41,7 +41,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        from neox.training.pretrain import release_cpu_allreduce_buffer
+        from neox.training.engine import release_cpu_allreduce_buffer
 
         release_cpu_allreduce_buffer()  # spawned workers exit without running atexit handlers
 

@@ -46,12 +46,12 @@ def two_rank_resume(rank: int, world: int, root: str) -> dict:
     seed_all(100 + rank)
     engine, state = toy_engine(zero=1, dp=2), TrainState()
     first = toy_run(engine, state, 2)
-    save_checkpoint(engine, z1, state, 2)
+    save_checkpoint(engine, z1.checkpoint, state, 2)
     saved_z1 = _params(engine)
     z1_moments = _full_moments(engine)
     seed_all(7)
     engine2 = toy_engine(seed=3, zero=1, dp=2)
-    loaded = load_checkpoint(engine2, z1)
+    loaded = load_checkpoint(engine2, z1.checkpoint)
     loaded_dict = loaded.to_dict()
     rest = toy_run(engine2, loaded, 2)
 
@@ -60,7 +60,7 @@ def two_rank_resume(rank: int, world: int, root: str) -> dict:
     seed_all(200 + rank)
     e0, s0 = toy_engine(zero=0, dp=2), TrainState()
     toy_run(e0, s0, 2)
-    save_checkpoint(e0, z0, s0, 2)
+    save_checkpoint(e0, z0.checkpoint, s0, 2)
     exp_avg = [e0.optimizer.state[p]["exp_avg"].numpy().copy() for p in e0.module.parameters()]
     return {"ref": ref, "resumed": first + rest, "loaded": loaded_dict, "saved_z1": saved_z1, "z1_moments": z1_moments,
             "saved_z0": _params(e0), "exp_avg_z0": exp_avg}
@@ -81,7 +81,7 @@ def test_two_ranks_resume_and_dp_change(tmp_path, caplog):
     # data-parallel size 2 -> 1 (this process is a 1-rank world)
     init_single_rank()
     one = toy_engine(seed=5, zero=0)
-    state = load_checkpoint(one, ToyArgs(CheckpointConfig(load=os.path.join(root, "z0"))))
+    state = load_checkpoint(one, CheckpointConfig(load=os.path.join(root, "z0")))
     assert state.iteration == 2
     for a, b in zip(one.module.parameters(), results[0]["saved_z0"]):
         assert torch.equal(a, torch.from_numpy(b))
@@ -89,7 +89,7 @@ def test_two_ranks_resume_and_dp_change(tmp_path, caplog):
         assert torch.equal(one.optimizer.state[p]["exp_avg"], torch.from_numpy(ref))  # ZeRO-0 optimizer state carries over
     one_z1 = toy_engine(seed=5, zero=1)
     with caplog.at_level(logging.WARNING):
-        state = load_checkpoint(one_z1, ToyArgs(CheckpointConfig(load=os.path.join(root, "z1"))))
+        state = load_checkpoint(one_z1, CheckpointConfig(load=os.path.join(root, "z1")))
     assert "saved at data-parallel size 2, loading at 1; converting to DeepSpeed's universal" in caplog.text
     assert state.iteration == 2 and one_z1.global_steps == 2 and one_z1.lr_scheduler.last_epoch == 2
     for a, b in zip(one_z1.module.parameters(), results[0]["saved_z1"]):
@@ -112,7 +112,7 @@ def kill_child(rank: int, port: int, save_dir: str, flag: str) -> None:
     args = ToyArgs(CheckpointConfig(save=save_dir))
     seed_all(rank)
     toy_run(engine, state, 2)
-    save_checkpoint(engine, args, state, 2)
+    save_checkpoint(engine, args.checkpoint, state, 2)
     toy_run(engine, state, 2)
     if rank == 1:
         real_save = torch.save
@@ -123,7 +123,7 @@ def kill_child(rank: int, port: int, save_dir: str, flag: str) -> None:
             time.sleep(600)
 
         torch.save = slow_save
-    save_checkpoint(engine, args, state, 4)
+    save_checkpoint(engine, args.checkpoint, state, 4)
 
 
 def test_rank_sigkilled_during_save(tmp_path):
@@ -155,4 +155,4 @@ def test_rank_sigkilled_during_save(tmp_path):
     assert mf.verify_tag(os.path.join(save_dir, "global_step2")) is not None
     init_single_rank()
     engine = toy_engine(zero=0)
-    assert load_checkpoint(engine, ToyArgs(CheckpointConfig(load=save_dir))).iteration == 2
+    assert load_checkpoint(engine, CheckpointConfig(load=save_dir)).iteration == 2

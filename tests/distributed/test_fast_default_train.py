@@ -82,4 +82,5 @@ def test_fp32_accumulation_matches_one_micro_batch_of_twice_the_size(runs):
 def test_two_data_parallel_ranks_match_one_rank(runs, layout):
     ref = _ok(runs["single"]["ref"])
     for rank in runs["double"]:
-        _close(_ok(rank[layout]), ref, 5e-3)
+        _ok(rank[layout])  # every rank trained
+    _close(runs["double"][0][layout], ref, 5e-3)  # rank 0 logs the loss (a data-parallel mean)

@@ -17,14 +17,13 @@ PROMPT = [5, 17, 99, 3, 64, 2]
 
 
 def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str, tmp: str) -> dict:
-    import deepspeed
-
     from megatron_core import parallel_state
     from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
     from neox.checkpoint import local
     from neox.convert import weights
     from neox.generation import SamplingParams, generate_tokens, load_weights
     from neox.model import GPTModel
+    from neox.training.engine import initialize
 
     parallel_state.initialize_model_parallel(2, 1)
     cfg = dataclasses.replace(model_cfg(), padded_vocab_size=2 * VOCAB)
@@ -44,8 +43,7 @@ def _tp2_worker(rank: int, world: int, ckpt: str, pipe_ckpt: str, tmp: str) -> d
     opt = torch.optim.AdamW(fresh.parameters(), lr=1e-4)
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "zero_optimization": {"stage": 0},
           "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=fresh, optimizer=opt, config=ds, mpu=parallel_state,
-                                           dist_init_required=False)
+    engine = initialize(fresh, opt, ds, mpu=parallel_state)
     local.load(engine, str(ckpt), "global_step0", module_only=True)
     mine = model.state_dict()
     mine_full = dict(weights.read_full_weights(ckpt, cfg))
@@ -84,20 +82,18 @@ def _read_trained(tmp: str) -> bool:
 
 def _pipe_load(ckpt: str, cfg, full: dict) -> bool:
     """PP 2 x TP 1: DeepSpeed's PipelineEngine loads the layer_XX files write_weights wrote."""
-    import deepspeed
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
     from megatron_core import parallel_state
     from neox.checkpoint import local
     from neox.model.pipe import GPTModelPipe
+    from neox.training.engine import initialize, pipeline_topology
 
     parallel_state.initialize_model_parallel(1, 2)
-    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=1)
+    topo = pipeline_topology(pipe=2, tensor=1, data=1)
     model = GPTModelPipe(cfg, topology=topo, seed=99)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "zero_optimization": {"stage": 0},
           "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
+    engine = initialize(model, opt, ds)
     local.load(engine, ckpt, "global_step0", module_only=True)
     ok = all(torch.equal(p, full[n]) for n, p in engine.module.plain_named_parameters())
     parallel_state.destroy_model_parallel()

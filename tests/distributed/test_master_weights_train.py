@@ -72,7 +72,8 @@ def test_two_ranks_match_one_rank(runs, layout):
     """Tensor parallel 2, and data parallel 2 (DeepSpeed's ZeRO-0 all-reduce of bf16 gradients)."""
     master = _ok(runs["single"]["master"])
     for rank in runs["double"]:
-        _close(_ok(rank[layout]), master, 5e-3)
+        _ok(rank[layout])  # every rank trained
+    _close(runs["double"][0][layout], master, 5e-3)  # rank 0 logs the loss (a data-parallel mean)
 
 
 def test_checkpoint_holds_bf16_weights_and_fp32_masters(runs):

@@ -36,13 +36,13 @@ def _saved(tmp_path: Path, steps: int = 1, **kw):
     engine = toy_engine(seed=0)
     state = TrainState()
     toy_run(engine, state, steps)
-    save_checkpoint(engine, args, state, steps)
+    save_checkpoint(engine, args.checkpoint, state, steps, args_flat=args.to_flat())
     return args, _weights(engine)
 
 
 def _load_error(args, **engine_kw) -> str:
     with pytest.raises(CheckpointError) as err:
-        load_checkpoint(toy_engine(seed=1, **engine_kw), args)
+        load_checkpoint(toy_engine(seed=1, **engine_kw), args.checkpoint)
     msg = str(err.value)
     assert "\n" not in msg, msg
     return msg
@@ -124,18 +124,18 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         args = _args(mnt)
         engine, state = toy_engine(seed=0, width=2000), TrainState()  # ~170 kB a tag: one fits, two don't
         toy_run(engine, state, 1)
-        save_checkpoint(engine, args, state, 1)
+        save_checkpoint(engine, args.checkpoint, state, 1)
         saved = _weights(engine)
         toy_run(engine, state, 1)
         with pytest.raises(CheckpointError) as err:
-            save_checkpoint(engine, args, state, 2)
+            save_checkpoint(engine, args.checkpoint, state, 2)
         msg = str(err.value)
         assert "\n" not in msg and "global_step2.partial: writing the checkpoint failed" in msg, msg
         assert "latest still names global_step1" in msg and "bytes free" in msg, msg
         save = Path(args.checkpoint.save)
         assert sorted(os.listdir(save)) == ["global_step1", "latest"]  # partial removed, space freed
         fresh = toy_engine(seed=3, width=2000)
-        assert load_checkpoint(fresh, args).iteration == 1
+        assert load_checkpoint(fresh, args.checkpoint).iteration == 1
         for name, tensor in _weights(fresh).items():
             assert torch.equal(tensor, saved[name]), name
     finally:
@@ -150,18 +150,18 @@ def test_read_only_save_directory(tmp_path):
         args = _args(mnt)
         engine, state = toy_engine(seed=0), TrainState()
         toy_run(engine, state, 1)
-        save_checkpoint(engine, args, state, 1)
+        save_checkpoint(engine, args.checkpoint, state, 1)
         saved = _weights(engine)
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True, timeout=20)
         toy_run(engine, state, 1)
         with pytest.raises(CheckpointError, match=r"global_step2.partial: writing the checkpoint failed .*"
                                                   r"the directory is not writable.*latest still names global_step1"):
-            save_checkpoint(engine, args, state, 2)
+            save_checkpoint(engine, args.checkpoint, state, 2)
         elsewhere = _args(mnt / "new")  # a save directory that cannot even be created
         with pytest.raises(CheckpointError, match=r"rank 0: OSError: \[Errno 30\] Read-only file system"):
-            save_checkpoint(engine, elsewhere, state, 2)
+            save_checkpoint(engine, elsewhere.checkpoint, state, 2)
         fresh = toy_engine(seed=3)
-        assert load_checkpoint(fresh, args).iteration == 1
+        assert load_checkpoint(fresh, args.checkpoint).iteration == 1
         assert all(torch.equal(t, saved[n]) for n, t in _weights(fresh).items())
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20)
@@ -224,14 +224,14 @@ def test_another_parallel_layout_is_refused_with_the_reshard_command(tmp_path):
                 weights.write_weights(full, args.model, out, tp, pp, progress=False)
             load_args = NeoXArgs.from_flat({**base, "load": str(out), "finetune": finetune}, world_size=1)
             with pytest.raises(CheckpointError) as err:
-                load_checkpoint(engine, load_args)
+                load_checkpoint(engine, load_args.checkpoint)
             msg = str(err.value)
             assert "\n" not in msg and f"saved with model_parallel_size {tp}" in msg, msg
             assert "tools/reshard_checkpoint.py --num_output_shards 1 --pipe_parallel_size 0" in msg, msg
         # the same weights in this run's layout load
         weights.write_weights(full, args.model, tmp_path / "tp1pp0", 1, 0, progress=False)
         ok = NeoXArgs.from_flat({**base, "load": str(tmp_path / "tp1pp0"), "finetune": True}, world_size=1)
-        assert load_checkpoint(engine, ok).iteration == 0
+        assert load_checkpoint(engine, ok.checkpoint).iteration == 0
         assert all(torch.equal(v, full[k]) for k, v in engine.module.state_dict().items())
     finally:
         parallel_state.destroy_model_parallel()

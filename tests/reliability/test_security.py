@@ -77,7 +77,7 @@ def test_a_crafted_checkpoint_is_refused_before_any_code_runs(tmp_path):
     args = _args(tmp_path)
     engine, state = toy_engine(), TrainState()
     toy_run(engine, state, 1)
-    save_checkpoint(engine, args, state, 1)
+    save_checkpoint(engine, args.checkpoint, state, 1)
     tag = tmp_path / "ckpt" / "global_step1"
     marker = tmp_path / "pwned"
     states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)
@@ -86,7 +86,7 @@ def test_a_crafted_checkpoint_is_refused_before_any_code_runs(tmp_path):
     # an attacker who can write the file can rewrite the manifest too
     mf.write_manifest(str(tag), mf.describe_files(str(tag), mf.list_files(str(tag))), tag="global_step1", iteration=1)
     with pytest.raises(CheckpointError) as err:
-        load_checkpoint(toy_engine(seed=1), args)
+        load_checkpoint(toy_engine(seed=1), args.checkpoint)
     msg = str(err.value)
     assert "\n" not in msg and "mp_rank_00_model_states.pt: the pickle names posix.system" in msg, msg
     assert not marker.exists()
@@ -101,12 +101,12 @@ def test_deepspeed_zero_files_pass_the_scan_and_rng_files_load_weights_only(tmp_
     args = _args(tmp_path)
     engine, state = toy_engine(zero=1), TrainState()
     toy_run(engine, state, 1)
-    save_checkpoint(engine, args, state, 1)
+    save_checkpoint(engine, args.checkpoint, state, 1)
     tag = tmp_path / "ckpt" / "global_step1"
     files = mf.list_files(str(tag))
     assert any(f.endswith("optim_states.pt") for f in files)  # holds DeepSpeed classes (ZeroStageEnum, ...)
     assert mf.pickle_problems(str(tag), files) == []
-    assert load_checkpoint(toy_engine(seed=1, zero=1), args).iteration == 1
+    assert load_checkpoint(toy_engine(seed=1, zero=1), args.checkpoint).iteration == 1
     save_rng_state(str(tmp_path), 5)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / "rng_state_rank5.pt"))  # NumPy
     assert load_rng_state(str(tmp_path), 5)  # weights_only=True with NumPy's state array allowed

@@ -48,7 +48,7 @@ def init_single_rank() -> None:
 
 def toy_engine(seed: int = 0, zero: int = 0, width: int = 8, dp: int = 1):
     """A DeepSpeed engine around a 2-layer MLP with dropout, AdamW and a decaying LR schedule."""
-    import deepspeed
+    from neox.training.engine import initialize
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Dropout(0.2), torch.nn.Linear(width, 1))
@@ -56,8 +56,7 @@ def toy_engine(seed: int = 0, zero: int = 0, width: int = 8, dp: int = 1):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.3 * s))
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4 * dp,
            "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
-    return engine
+    return initialize(model, opt, cfg, lr_scheduler=sched)
 
 
 def toy_step(engine) -> float:
@@ -115,11 +114,12 @@ def test_exact_resume_and_layout(tmp_path):
     seed_all(1)
     engine, state = toy_engine(seed=0), TrainState()
     first = toy_run(engine, state, 3)
-    tag_dir = save_checkpoint(engine, args, state, state.iteration, validation_fn=lambda: fixed_batch_loss(engine))
+    tag_dir = save_checkpoint(engine, args.checkpoint, state, state.iteration, args_flat=args.to_flat(),
+                              validation_fn=lambda: fixed_batch_loss(engine))
     expected_vloss = fixed_batch_loss(engine)
     seed_all(99)  # scramble every RNG: the load must put them back
     engine2 = toy_engine(seed=7)
-    loaded = load_checkpoint(engine2, args, validation_fn=lambda: fixed_batch_loss(engine2))
+    loaded = load_checkpoint(engine2, args.checkpoint, validation_fn=lambda: fixed_batch_loss(engine2))
     assert loaded == TrainState(iteration=3, consumed_train_samples=12)
     rest = toy_run(engine2, loaded, 3)
     assert first + rest == ref  # bitwise: fp32 on CPU
@@ -146,21 +146,21 @@ def test_manifest_detects_corruption_and_validation_mismatch(tmp_path):
     seed_all(2)
     engine, state = toy_engine(), TrainState()
     toy_run(engine, state, 1)
-    tag_dir = save_checkpoint(engine, args, state, 1, validation_fn=lambda: fixed_batch_loss(engine))
+    tag_dir = save_checkpoint(engine, args.checkpoint, state, 1, validation_fn=lambda: fixed_batch_loss(engine))
     # a fixed-batch loss that differs after load is reported with both values
     engine2 = toy_engine(seed=5)
     with pytest.raises(CheckpointError, match=r"loss of the fixed batch was .* at save, 123.0 after load"):
-        load_checkpoint(engine2, args, validation_fn=lambda: 123.0)
+        load_checkpoint(engine2, args.checkpoint, validation_fn=lambda: 123.0)
     # flip one byte (same size): the checksum names the file
     path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     blob = bytearray(open(path, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(path, "wb").write(bytes(blob))
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: xxh3_128 checksum|blake2b checksum"):
-        load_checkpoint(toy_engine(), args)
+        load_checkpoint(toy_engine(), args.checkpoint)
     os.remove(path)
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: missing"):
-        load_checkpoint(toy_engine(), args)
+        load_checkpoint(toy_engine(), args.checkpoint)
 
 
 def test_finetune_loads_weights_only(tmp_path):
@@ -168,10 +168,10 @@ def test_finetune_loads_weights_only(tmp_path):
     seed_all(3)
     engine, state = toy_engine(seed=0), TrainState()
     toy_run(engine, state, 3)
-    save_checkpoint(engine, args, state, 3)
+    save_checkpoint(engine, args.checkpoint, state, 3)
     fresh = toy_engine(seed=11)
     ft = _args(tmp_path, finetune=True)
-    loaded = load_checkpoint(fresh, ft)
+    loaded = load_checkpoint(fresh, ft.checkpoint)
     assert loaded == TrainState()
     for a, b in zip(engine.module.parameters(), fresh.module.parameters()):
         assert torch.equal(a, b)
@@ -182,9 +182,9 @@ def test_finetune_loads_weights_only(tmp_path):
 def test_shape_mismatch_names_tensor(tmp_path):
     args = _args(tmp_path)
     engine = toy_engine(width=8)
-    save_checkpoint(engine, args, TrainState(iteration=1), 1)
+    save_checkpoint(engine, args.checkpoint, TrainState(iteration=1), 1)
     with pytest.raises(CheckpointError, match=r"tensor 0\.weight has shape \[8, 4\] in the checkpoint but \[6, 4\]"):
-        load_checkpoint(toy_engine(width=6), args)
+        load_checkpoint(toy_engine(width=6), args.checkpoint)
 
 
 def test_keep_last_n_and_chosen_iteration(tmp_path):
@@ -192,17 +192,17 @@ def test_keep_last_n_and_chosen_iteration(tmp_path):
     engine, state = toy_engine(), TrainState()
     for it in (1, 2, 3, 4):
         state.iteration = it
-        save_checkpoint(engine, args, state, it)
+        save_checkpoint(engine, args.checkpoint, state, it)
     assert [t for _, t in local.list_tags(args.checkpoint.save)] == ["global_step3", "global_step4"]
     state.consumed_train_samples = 99  # re-saving an existing iteration replaces it whole
-    save_checkpoint(engine, args, state, 4)
+    save_checkpoint(engine, args.checkpoint, state, 4)
     assert sorted(os.listdir(args.checkpoint.save)) == ["global_step3", "global_step4", "latest"]
-    assert load_checkpoint(toy_engine(), args).consumed_train_samples == 99
+    assert load_checkpoint(toy_engine(), args.checkpoint).consumed_train_samples == 99
     # load a chosen iteration by naming its directory
     pick = ToyArgs(CheckpointConfig(load=os.path.join(args.checkpoint.save, "global_step3")))
-    assert load_checkpoint(toy_engine(), pick).iteration == 3
+    assert load_checkpoint(toy_engine(), pick.checkpoint).iteration == 3
     # nothing to load
-    assert load_checkpoint(toy_engine(), ToyArgs(CheckpointConfig(load=str(tmp_path / "none")))) is None
+    assert load_checkpoint(toy_engine(), CheckpointConfig(load=str(tmp_path / "none"))) is None
 
 
 def test_zero_stage_change_keeps_weights_and_schedule(tmp_path, caplog):
@@ -210,10 +210,10 @@ def test_zero_stage_change_keeps_weights_and_schedule(tmp_path, caplog):
     seed_all(4)
     engine, state = toy_engine(zero=0), TrainState()
     toy_run(engine, state, 2)
-    save_checkpoint(engine, args, state, 2)
+    save_checkpoint(engine, args.checkpoint, state, 2)
     other = toy_engine(seed=3, zero=1)
     with caplog.at_level("WARNING"):
-        loaded = load_checkpoint(other, args)
+        loaded = load_checkpoint(other, args.checkpoint)
     assert "ZeRO stage 0 in the checkpoint, 1 now" in caplog.text
     assert loaded.iteration == 2 and other.global_steps == 2
     assert other.lr_scheduler.last_epoch == engine.lr_scheduler.last_epoch
@@ -237,14 +237,14 @@ def test_no_save_optim_and_rng(tmp_path, zero, caplog):
     args = _args(tmp_path, no_save_optim=True, no_save_rng=True)
     engine, state = toy_engine(zero=zero), TrainState()
     toy_run(engine, state, 2)
-    tag_dir = save_checkpoint(engine, args, state, 2)
+    tag_dir = save_checkpoint(engine, args.checkpoint, state, 2)
     names = os.listdir(tag_dir)
     assert not any("optim_states" in n or n.startswith("rng_state") for n in names)
     saved = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)
     assert saved["optimizer"] is None and mf.read_manifest(tag_dir)["optimizer"] is False
     other = toy_engine(seed=4, zero=zero)
     with caplog.at_level("WARNING"):
-        assert load_checkpoint(other, args).iteration == 2
+        assert load_checkpoint(other, args.checkpoint).iteration == 2
     assert "saved without optimizer state" in caplog.text and other.lr_scheduler.last_epoch == 2
     for a, b in zip(engine.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b)
@@ -256,14 +256,16 @@ def test_foreign_checkpoint_without_optimizer(tmp_path, zero):
     root = str(tmp_path / "foreign")
     engine = toy_engine(zero=zero)
     toy_run(engine, TrainState(), 1)
-    engine.save_checkpoint(root, tag="global_step1", client_state={"optimizer": None})
+    engine.save_checkpoint(root, "global_step1", {"optimizer": None})
+    with open(os.path.join(root, "latest"), "w") as f:  # as DeepSpeed's own save writes it
+        f.write("global_step1")
     for name in os.listdir(os.path.join(root, "global_step1")):
         if "optim_states" in name:
             os.remove(os.path.join(root, "global_step1", name))
     with pytest.raises(CheckpointError, match="no usable optimizer state .* set finetune: true"):
-        load_checkpoint(toy_engine(zero=zero), ToyArgs(CheckpointConfig(load=root)))
+        load_checkpoint(toy_engine(zero=zero), CheckpointConfig(load=root))
     other = toy_engine(seed=3, zero=zero)
-    state = load_checkpoint(other, ToyArgs(CheckpointConfig(load=root, no_load_optim=True)))
+    state = load_checkpoint(other, CheckpointConfig(load=root, no_load_optim=True))
     assert state.iteration == 1  # from DeepSpeed's global_steps
     for a, b in zip(engine.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b)
@@ -279,17 +281,17 @@ def test_exact_resume_zero23_and_finetune_from_chosen_tag(tmp_path, zero):
     seed_all(6)
     engine, state = toy_engine(seed=0, zero=zero), TrainState()
     first = toy_run(engine, state, 2)
-    save_checkpoint(engine, args, state, 2)
+    save_checkpoint(engine, args.checkpoint, state, 2)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         at2 = [p.detach().clone() for p in engine.module.parameters()]
     seed_all(42)
     engine2 = toy_engine(seed=7, zero=zero)
-    assert first + toy_run(engine2, load_checkpoint(engine2, args), 2) == ref
-    save_checkpoint(engine2, args, TrainState(iteration=4), 4)
+    assert first + toy_run(engine2, load_checkpoint(engine2, args.checkpoint), 2) == ref
+    save_checkpoint(engine2, args.checkpoint, TrainState(iteration=4), 4)
     # finetune from the older tag (ZeRO-3 re-reads 'latest' internally: neox points it at the chosen tag)
     ft = toy_engine(seed=8, zero=zero)
     pick = ToyArgs(CheckpointConfig(load=os.path.join(args.checkpoint.save, "global_step2"), finetune=True))
-    assert load_checkpoint(ft, pick) == TrainState()
+    assert load_checkpoint(ft, pick.checkpoint) == TrainState()
     with deepspeed.zero.GatheredParameters(list(ft.module.parameters())):
         assert all(torch.equal(p, q) for p, q in zip(ft.module.parameters(), at2))
     left = sorted(n for n in os.listdir(args.checkpoint.save) if not n.endswith(".py"))  # DeepSpeed's zero_to_*.py

@@ -36,7 +36,7 @@ def child(save_dir: str, where: str, flag: str) -> None:
     engine, state = toy_engine(zero=1), TrainState()
     toy_run(engine, state, 2)
     args = ToyArgs(CheckpointConfig(save=save_dir))
-    save_checkpoint(engine, args, state, 2)
+    save_checkpoint(engine, args.checkpoint, state, 2)
     toy_run(engine, state, 2)
 
     def stall(*_a, **_k):
@@ -55,7 +55,7 @@ def child(save_dir: str, where: str, flag: str) -> None:
         torch.save = slow_save
     else:
         mf.write_manifest = stall
-    save_checkpoint(engine, args, state, 4)
+    save_checkpoint(engine, args.checkpoint, state, 4)
 
 
 @pytest.mark.parametrize("where", ["torch_save", "before_manifest"])
@@ -78,10 +78,10 @@ def test_sigkill_during_save_keeps_previous(tmp_path, where):
     init_single_rank()
     engine = toy_engine(zero=1)
     args = ToyArgs(CheckpointConfig(save=save_dir, load=save_dir))
-    assert load_checkpoint(engine, args).iteration == 2
+    assert load_checkpoint(engine, args.checkpoint).iteration == 2
     # pointing load at the interrupted tag directly is refused: it has no manifest...
     with pytest.raises(CheckpointError, match="does not exist|no model states"):
-        load_checkpoint(engine, ToyArgs(CheckpointConfig(load=os.path.join(save_dir, "global_step4"))))
+        load_checkpoint(engine, CheckpointConfig(load=os.path.join(save_dir, "global_step4")))
 
     # ...and the inspect tool lists it as interrupted, and verifies the good tag
     spec = importlib.util.spec_from_file_location("inspect_checkpoint", os.path.join(ROOT, "tools",
@@ -98,7 +98,7 @@ def test_sigkill_during_save_keeps_previous(tmp_path, where):
 
     # a later save replaces the leftover partial directory and moves latest on
     state = TrainState(iteration=4)
-    save_checkpoint(engine, args, state, 4)
+    save_checkpoint(engine, args.checkpoint, state, 4)
     assert open(os.path.join(save_dir, "latest")).read() == "global_step4"
     assert not os.path.exists(os.path.join(save_dir, "global_step4.partial"))
 

@@ -34,9 +34,18 @@ def test_deepspeed_config_contents():
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": False,
         "timers": {"throughput": {"enabled": False}},
-        "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
-    }
+    }  # no optimizer or scheduler block: neox hands DeepSpeed the optimizer and LR schedule it built
     assert cfg == expected
+
+
+@pytest.mark.parametrize("key", ["optimizer", "scheduler"])
+def test_extra_args_cannot_ask_deepspeed_to_build_the_optimizer(key):
+    from neox.errors import ConfigError
+
+    args = NeoXArgs.from_flat({**LLEMMA_LIKE, "deepspeed_extra_args": {key: {"type": "Adam"}}}, world_size=8)
+    with pytest.raises(ConfigError, match=f"^deepspeed_extra_args.{key}: neox builds the {key} itself") as err:
+        args.deepspeed_config()
+    assert "\n" not in str(err.value)
 
 
 def test_legacy_fp16_block_and_passthrough():

@@ -88,7 +88,8 @@ def test_llemma_published_values(capsys):
     assert a["min_lr"] == pytest.approx(0.033 * 1e-4) and a["warmup_iters"] == 500
     assert a["train_data_weights"] == [2, 4, 1, 0.147368, 0.221053] and len(a["valid_data_paths"]) == 3
     assert a["zero_optimization"]["stage"] == 1 and a["bf16"] == {"enabled": True}
-    assert a["data_types"] == {"grad_accum_dtype": "fp32"} and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert a["data_types"] == {"grad_accum_dtype": "fp32"} and a["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert "optimizer" not in ds  # neox builds the optimizer (training/optim.py) and hands DeepSpeed the object
     # at tensor parallel 2 on 2 GPUs (data parallel 1) neox's fp32-master optimizer replaces DeepSpeed's bf16 one
     assert (ds["bf16"] == {"enabled": False}) == (a["data_parallel_size"] == 1)
     assert r["launch_command"][0] == "srun"

@@ -6,7 +6,7 @@ import pytest
 
 from neox.config import NeoXArgs
 from neox.config.keys import suggest
-from neox.config.validate import RULES
+from neox.config.validate import MODEL_RULES, RULES
 from neox.errors import ConfigError
 
 BASE = {
@@ -81,6 +81,15 @@ RULE_CASES = [
     ("deepspeed_blocks_known", dict(zero_optimization={"stage": 1, "overlap_com": True}), "did you mean 'overlap_comm'"),
     ("include_or_exclude", dict(include="a", exclude="b"), "include or exclude, not both"),
     ("known_launcher", dict(launcher="torchrun"), "launcher"),
+    ("pipeline_settings", dict(pipe_partition_method="balanced"), "pipe_partition_method: expected 'parameters', 'uniform' or 'type:REGEX'"),
+    ("pipeline_settings", dict(pipe_parallel_size=1, log_grad_norm=True), "log_grad_norm: per-parameter gradient norms need pipe_parallel_size 0"),
+    ("pipeline_settings", dict(pipe_partition_method="type:TransformerBlock"), None),
+    ("lr_scheduler_switches", dict(override_lr_scheduler=True, use_checkpoint_lr_scheduler=True), "override_lr_scheduler: both are set"),
+    ("unimplemented_model_features", dict(use_qk_layernorm=True), "use_qk_layernorm: query/key layernorm is not implemented"),
+    ("sliding_window", dict(sliding_window_width=0), "sliding_window_width: expected a positive number"),
+    ("sliding_window", dict(sliding_window_width=4), None),
+    ("unimplemented_model_features", dict(output_layer_parallelism="row"), "output_layer_parallelism: only 'column'"),
+    ("unimplemented_model_features", dict(output_layer_parallelism="column", use_qk_layernorm=False), None),
     ("text_generation_values", dict(top_p=2.0), "top_p: expected a probability in [0, 1]"),
 ]
 
@@ -106,11 +115,12 @@ def test_activation_rule_on_a_hand_built_config():
     assert args.model.activation == "silu" and args.model.mlp_type == "llama"
     bad = dataclasses.replace(args, model=dataclasses.replace(args.model, activation="mish"))
     with pytest.raises(ConfigError, match="activation: 'mish' is not supported"):
-        known_activation(bad)
+        known_activation(bad.model, 1)
 
 
 def test_every_rule_has_a_case():
-    assert {r.__name__ for r in RULES} <= {c[0] for c in RULE_CASES} | {"known_activation"}
+    names = {r.__name__ for r in RULES if r.__name__ != "model_rules"} | {r.__name__ for r in MODEL_RULES}
+    assert names <= {c[0] for c in RULE_CASES} | {"known_activation"}
 
 
 def test_one_line_errors():

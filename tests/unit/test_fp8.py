@@ -199,3 +199,49 @@ def test_te_format_and_wgrad_map_onto_torchao_configs():
     assert row.cast_config_input.scaling_granularity is ScalingGranularity.AXISWISE and row.emulate
     row_hp = fp8_plan(_precision(fp8_recipe="rowwise", te_fp8_wgrad=False, **EMU))
     assert row_hp.recipe == "rowwise_with_gw_hp"
+
+
+@pytest.mark.parametrize("keys", [dict(fp8_recipe="tensorwise"), dict(fp8_recipe="rowwise"),
+                                  dict(te_mha=True, te_fp8_wgrad=False)])
+def test_tensor_parallel_matmul_is_torchaos_without_a_split(keys):
+    """The TP variant (amax reduction where a shard cuts a scale) is torchao's matmul when nothing is split."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    from neox.model.fp8 import _mm_config, _tp_matmul, float8_config
+
+    config = float8_config(fp8_plan(_precision(**keys, **EMU)))
+    mm = _mm_config(config)
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 48), torch.randn(40, 48)
+    out, grads = [], []
+    for fn in (lambda a, b: matmul_with_hp_or_float8_args.apply(a, b.t(), mm, config),
+               lambda a, b: _tp_matmul().apply(a, b.t(), (mm, config, {}, None))):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(a, b)
+        y.backward(torch.linspace(-2, 3, y.numel()).reshape(y.shape))
+        out.append(y), grads.append((a.grad, b.grad))
+    assert torch.equal(out[0], out[1])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_fp8_block_compiles_and_matches_eager():
+    """torch.compile of a block with FP8 linears (as pretrain compiles each block): same outputs and grads."""
+    from neox.model.fp8 import convert_block_linears
+    from neox.model.gpt import rotary_for
+
+    model = _tiny_model()
+    convert_block_linears(model, _precision(fp8_recipe="tensorwise", **EMU), CPU)
+    block = model.layers[0]
+    compiled = torch.compile(block)
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    rotary = rotary_for(model.cfg, torch.arange(16).expand(2, 16))
+    outs = []
+    for fn in (block, compiled):
+        a = x.clone().requires_grad_()
+        y = fn(a, rotary)
+        y.square().mean().backward()
+        outs.append((y.detach(), a.grad, block.mlp.linear1.weight.grad.clone()))
+        block.zero_grad(set_to_none=True)
+    for eager, comp in zip(outs[0], outs[1]):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)

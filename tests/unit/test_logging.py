@@ -61,3 +61,28 @@ def test_train_state_round_trip():
     s = TrainState(iteration=3, consumed_train_samples=12, consumed_tokens=384, nan_iters=1)
     assert TrainState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert TrainState.from_dict({"iteration": 2, "unknown": 5}) == TrainState(iteration=2)
+
+
+def test_wandb_init_all_ranks_starts_a_run_on_other_ranks(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("RANK", "1")
+    cfg = LoggingConfig(log_dir=str(tmp_path / "logs"), use_wandb=True, wandb_project="neox-test",
+                        wandb_init_all_ranks=True, wandb_run_name="run")
+    assert MetricsLogger(dataclasses.replace(cfg, wandb_init_all_ranks=False), enabled=False).wandb is None
+    logger = MetricsLogger(cfg, train_iters=10, enabled=False)  # a rank that owns no writers
+    assert logger.wandb is not None and logger.wandb.name == "run-rank1"
+    logger.log_train({**_rec(1, 5.0), "param_norms": {"final_norm.weight": 2.0}})
+    logger.close()
+    assert not (tmp_path / "logs" / "metrics.jsonl").exists()  # the other writers stay on rank 0
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_norm_tables_go_to_the_writers_under_gpt_neox_names():
+    from neox.logging import _scalars
+
+    out = _scalars("train", {**_rec(1, 5.0), "param_norms": {"a.weight": 2.0}, "grad_norms": {"a.weight": 0.5},
+                              "param_norm": 2.0})
+    assert out["parameter_norms/a.weight"] == 2.0 and out["gradient_norms/a.weight"] == 0.5
+    assert out["train/param_norm"] == 2.0

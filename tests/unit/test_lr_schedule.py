@@ -62,3 +62,40 @@ def test_scheduler_writes_every_param_group():
 def test_bad_warmup_is_a_config_error():
     with pytest.raises(ConfigError, match="warmup_iters"):
         _sched("linear", warmup_iters=500)
+
+
+def _saved(style="linear", **kw):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = AnnealingLR(opt, _sched(style, **kw))
+    sched.step(7)
+    return sched.state_dict()
+
+
+def _fresh(style="linear", **kw):
+    kw.setdefault("warmup_iters", 2)
+    flags = {k: kw.pop(k) for k in ("override", "use_checkpoint") if k in kw}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return AnnealingLR(opt, _sched(style, **kw), **flags), opt
+
+
+def test_checkpoint_schedule_switches_as_gpt_neox():
+    from neox.errors import CheckpointError
+
+    saved = _saved(warmup_iters=2)  # linear over 100 iterations, position 7
+    # neither switch: the config's schedule must be the checkpoint's (GPT-NeoX asserts it)
+    same, opt = _fresh(warmup_iters=2)
+    same.load_state_dict(saved)
+    assert same.num_iters == 7 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (98 - 5) / 98)
+    changed, _ = _fresh(warmup_iters=2, lr_decay_iters=50)
+    with pytest.raises(CheckpointError, match="decay_iters 100 \\(config 50\\).*override_lr_scheduler"):
+        changed.load_state_dict(saved)
+    # override_lr_scheduler: the config's numbers, the checkpoint's position
+    over, opt = _fresh(warmup_iters=2, lr_decay_iters=50, override=True)
+    over.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (48 - 5) / 48)
+    # use_checkpoint_lr_scheduler: the checkpoint's numbers
+    use, opt = _fresh("cosine", warmup_iters=4, lr_decay_iters=50, use_checkpoint=True)
+    use.load_state_dict(saved)
+    assert use.schedule["style"] == "linear" and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (98 - 5) / 98)
+    with pytest.raises(ConfigError, match="override_lr_scheduler"):
+        _fresh(override=True, use_checkpoint=True)

@@ -214,9 +214,9 @@ def test_resume_from_s3_url_alone(tmp_path, s3, monkeypatch):
     seed_all(5)
     engine, state = toy_engine(seed=0), TrainState()
     first = toy_run(engine, state, 2)
-    object.__setattr__(engine, "_neox_s3_uploader", S3Uploader(url, FAST))
+    engine.s3_uploader = S3Uploader(url, FAST)
     proxy.fail = lambda k, m, p: "500" if k % 4 == 1 else None
-    save_checkpoint(engine, args, state, 2)
+    save_checkpoint(engine, args.checkpoint, state, 2)
     assert wait_for_uploads(engine, 120)
     shutil.rmtree(save_dir)
 
@@ -224,7 +224,7 @@ def test_resume_from_s3_url_alone(tmp_path, s3, monkeypatch):
     proxy.fail = lambda k, m, p: "hang" if k % 5 == 2 else None  # downloads retried too
     seed_all(123)
     engine2 = toy_engine(seed=9)
-    loaded = load_checkpoint(engine2, ToyArgs(CheckpointConfig(load=url)))
+    loaded = load_checkpoint(engine2, CheckpointConfig(load=url))
     assert loaded == TrainState(iteration=2, consumed_train_samples=8)
     assert torch.equal(next(engine.module.parameters()), next(engine2.module.parameters()))
     assert first + toy_run(engine2, loaded, 2) == ref

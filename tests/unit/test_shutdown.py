@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from neox.training.pretrain import release_cpu_allreduce_buffer
+from neox.training.engine import release_cpu_allreduce_buffer
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")

@@ -105,7 +105,8 @@ def test_logged_loss_is_the_interval_mean_of_finite_losses():
 
 def test_optimizer_choice_and_deepspeed_config():
     from neox.errors import ConfigError
-    from neox.training.optim import build_optimizer, deepspeed_config_for
+    from neox.training.engine import runtime_config
+    from neox.training.optim import build_optimizer
 
     base = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "seq_length": 8,
             "tokenizer_type": "CharLevelTokenizer", "train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
@@ -116,7 +117,7 @@ def test_optimizer_choice_and_deepspeed_config():
     opt = build_optimizer(model, args, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.9)
     assert opt.param_groups[0]["weight_decay"] == args.optim.weight_decay
-    ds = deepspeed_config_for(args, opt)
+    ds = runtime_config(args.deepspeed_config(), opt, is_pipeline=False)
     assert "optimizer" not in ds and "scheduler" not in ds and ds["zero_force_ds_cpu_optimizer"] is False
     bad = NeoXArgs.from_flat({**base, "optimizer": {"type": "lamb", "params": {"lr": 1e-3}}}, world_size=1)
     with pytest.raises(ConfigError, match="optimizer.type"):

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 20's FP8 measurements on ONE H200, through the real training path (bench/bench_train.py ->
+# deepy.py train.py), each neox figure with its peers from the same call. From the repo root:
+#   mkdir -p .carry && cp ../shared/bench/peers.py ../shared/bench/fsdp2_anchor.py .carry/   # carry: [".carry"]
+#   PART=1 bash bench/fp8.sh      # then PART=2, 3, 4, 5: one device call each, each under ~9 min cold
+# Logs and bench_results.jsonl under $OUT/<case>/ (OUT defaults to ./out); a one-line table per case.
+#   PART=1  TinyLlama shape (seq 4096, mbs 4): neox bf16, neox FP8 tensorwise; peers.py plain_compile
+#   PART=2  TinyLlama shape: neox FP8 rowwise; FSDP2 anchor bf16 and FP8=tensorwise (AC=0, mbs 4)
+#   PART=3  Llemma-7B shape at TP 1 (fast settings, no checkpointing, mbs 2): neox bf16, neox FP8 tensorwise
+#   PART=4  Llemma-7B FP8 tensorwise: mbs 1 without and mbs 2 with checkpoint_activations; FSDP2 + FP8 anchor (AC=0, mbs 2)
+#   PART=5  FP8 numerics: 300 steps of the 125M class on Markov data, bf16 vs tensorwise vs rowwise
+#           (bench/fp8_loss.py; prints the max relative loss difference after warm-up, tolerance 1.5%)
+# Every neox run compiles cold (90-160 s for the 1.1B model), so the runs are short: 20 steps, the
+# first 10 left out, medians over two 5-step records. TUNING=1 adds torch_compile_tuning (about +1 min
+# compile per run, +1.5-2% throughput) to every neox run alike; off by default to fit the time.
+# ONLY="case ..." runs just those cases of the part (names as printed after "==").
+set -u
+OUT=${OUT:-out}
+PART=${PART:-1}
+PEER_FILE=${PEERS:-.carry/peers.py}
+unset PEERS  # cases.sh runs peers after every case when PEERS is set: only tiny_bf16 asks
+ANCHOR=${ANCHOR:-.carry/fsdp2_anchor.py}
+export OUT
+mkdir -p "$OUT"
+source bench/cases.sh
+python -c "import torchao.float8" 2>/dev/null || { echo "fp8.sh: torchao is not importable (scripts/install.sh installs torchao==0.18.0)"; exit 1; }
+
+STEPS=(--steps 20 --warmup 10 --log-interval 5)
+# The committed one-GPU fast settings (configs/tinyllama_1b.yml), written out for the 7B shape config.
+FAST=(--set torch_compile=true --set torch_compile_tuning="$([[ ${TUNING:-0} == 1 ]] && echo true || echo false)"
+      --set precision=fp32 --set 'bf16={enabled: false}' --set 'data_types={}'
+      --set 'torch_autocast={enabled: true, dtype: bfloat16}' --set 'zero_optimization={stage: 0}'
+      --set optimizer_master_weights=true)
+# One data folder per vocabulary: bench_train.py reuses a folder's tokenizer and tokens as they are.
+TINY=(--config configs/tinyllama_1b.yml --work /tmp/neox_bench_fp8_32000 "${STEPS[@]}" "${FAST[@]}")
+L7B=(--config configs/bench/llemma_7b_shape.yml --work /tmp/neox_bench_fp8_32016 "${STEPS[@]}" "${FAST[@]}"
+     --set model_parallel_size=1 --set num_gpus=1)
+TINY_SHAPE=(--layers 22 --hidden 2048 --heads 32 --kv 4 --ffn 5632 --vocab 32000 --seq 4096 --mbs 4)
+L7B_SHAPE=(--layers 32 --hidden 4096 --heads 32 --kv 32 --ffn 11008 --vocab 32016 --seq 4096)
+
+anchor_case() {  # name, seconds, FP8 recipe ("" = bf16), AC (0/1), fsdp2_anchor.py shape arguments...
+  local name=$1 limit=$2 fp8=$3 ac=$4; shift 4
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
+  echo "== $name"
+  [[ -f $ANCHOR ]] || { echo "fp8.sh: $ANCHOR missing (cp ../shared/bench/{peers,fsdp2_anchor}.py .carry/)"; return 0; }
+  FP8=$fp8 AC=$ac timeout "$limit" python -m torch.distributed.run --standalone --nproc_per_node 1 "$ANCHOR" "$@" \
+    > "$OUT/$name.log" 2>&1
+  pkill -9 -f "$ANCHOR" 2>/dev/null && sleep 3
+  if grep '^{' "$OUT/$name.log"; then grep '^{' "$OUT/$name.log" >> "$OUT/anchors.jsonl"; else tail -5 "$OUT/$name.log"; fi
+}
+
+case $PART in
+1)
+  PEERS=$PEER_FILE bench_case tiny_bf16 320 "${TINY[@]}" --peer-which plain_compile
+  bench_case tiny_fp8_tensorwise 230 "${TINY[@]}" --set fp8_recipe=tensorwise ;;
+2)
+  bench_case tiny_fp8_rowwise 230 "${TINY[@]}" --set fp8_recipe=rowwise
+  anchor_case tiny_anchor_bf16 130 "" 0 "${TINY_SHAPE[@]}"
+  anchor_case tiny_anchor_fp8_tensorwise 150 tensorwise 0 "${TINY_SHAPE[@]}" ;;
+3)
+  bench_case 7b_bf16_mbs2 260 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2
+  bench_case 7b_fp8_tensorwise_mbs2 260 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --set fp8_recipe=tensorwise ;;
+4)
+  bench_case 7b_fp8_tensorwise_mbs1 200 "${L7B[@]}" --set train_micro_batch_size_per_gpu=1 --set fp8_recipe=tensorwise
+  bench_case 7b_fp8_tensorwise_mbs2_ckpt 200 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --set fp8_recipe=tensorwise \
+    --set checkpoint_activations=true
+  anchor_case 7b_anchor_fp8_tensorwise_mbs2 130 tensorwise 0 "${L7B_SHAPE[@]}" --mbs 2 ;;
+5)
+  [[ -z "${ONLY:-}" || " $ONLY " == *" loss "* ]] || exit 0
+  echo "== loss"
+  timeout 520 python bench/fp8_loss.py --config configs/125M.yml --steps 300 --log-interval 10 --warmup 50 \
+    --recipes tensorwise,rowwise --out "$OUT/fp8_loss" "${FAST[@]}" --set torch_compile_tuning=false \
+    > "$OUT/fp8_loss.log" 2>&1
+  pkill -9 -f "$PWD/(deepy|train)\.py" 2>/dev/null && sleep 3
+  grep -A4 '^FP8 vs bf16' "$OUT/fp8_loss.log" || tail -20 "$OUT/fp8_loss.log" ;;
+*) echo "fp8.sh: PART must be 1-5, got $PART"; exit 2 ;;
+esac
