@@ -54,6 +54,20 @@ def init_backend(backend: str, *, cpu: bool) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def full_fp32_param(p: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a parameter that ZeRO-3 partitions across ranks."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(p)
+
+
+def full_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """The reduced gradient of a parameter under any ZeRO stage (None before backward)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(p)
+
+
 def mpi_discovery(port: int) -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT of this rank from MPI (``deepspeed_mpi``)."""
     from deepspeed.comm import mpi_discovery as discover

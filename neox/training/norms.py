@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_core import parallel_state
+from neox.training import engine as boundary
 
 
 def named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -56,9 +57,7 @@ def _total(norms: dict[str, float]) -> float:
 
 def _full_param(p: nn.Parameter) -> torch.Tensor:
     if hasattr(p, "ds_id"):  # ZeRO-3 keeps a partition on each rank; DeepSpeed gathers the fp32 tensor
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(p)
+        return boundary.full_fp32_param(p)
     return p.detach()
 
 
@@ -86,14 +85,12 @@ class GradNorms:
         self._split: list[bool] = []
 
     def capture(self, module: nn.Module, optimizer: Any = None) -> None:
-        from deepspeed.utils import safe_get_full_grad
-
         # neox's MasterWeightAdamW keeps the step's gradients (fp32 sums when accumulating) itself
         own = getattr(optimizer, "gradients", None)
         held = {id(p): g for p, g in own(list(module.parameters()))} if callable(own) else None
         names, sq, split = [], [], []
         for name, p in named_parameters(module):
-            g = held.get(id(p)) if held is not None else safe_get_full_grad(p)
+            g = held.get(id(p)) if held is not None else boundary.full_grad(p)
             if g is None:
                 continue
             names.append(name)

@@ -32,6 +32,11 @@ def test_deepspeed_mpi_reads_the_ranks_from_mpi(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setitem(sys.modules, "mpi4py", _fake_mpi(rank=1, size=2))
+    import deepspeed.comm.comm as ds_comm
+
+    # an earlier test in this process may have left DeepSpeed's comm backend up (a world of one); an
+    # MPI-launched rank starts without it
+    monkeypatch.setattr(ds_comm, "cdb", None)
     args = NeoXArgs.from_flat({**BASE, "deepspeed_mpi": True, "master_port": 29611}, world_size=2)
     discover_mpi(args)
     import os
