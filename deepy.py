@@ -26,7 +26,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and launch command, run nothing")
     parser.add_argument("user_script", help="the script every rank runs, e.g. train.py")
     parser.add_argument("-d", "--conf_dir", default=None, help="directory the config paths are relative to")
-    parser.add_argument("conf_file", nargs="+", help="NeoX YAML config files, merged left to right")
+    parser.add_argument("conf_file", nargs="+", help="NeoX YAML config files, merged (a key set in two with different values is an error)")
     # the overrides GPT-NeoX's deepy.py accepts
     parser.add_argument("--wandb_group", default=None, help="W&B group (overrides the config)")
     parser.add_argument("--wandb_team", default=None, help="W&B team (overrides the config)")
@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
                                    ("eval_tasks", cli.eval_tasks)) if v is not None}
     # the launcher counts the ranks (GPUs here, a hostfile, SLURM's variables): resolving the YAML does not
     args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir, plan_world=planned_world_size)
-    if cli.dry_run:
-        from neox.config.validate import input_file_problems
+    from neox.config.validate import input_file_problems, script_input_problems, validate_for_script
 
+    validate_for_script(args, cli.user_script)  # e.g. generate.py's text_gen_type: refused before any launch
+    script_inputs = list(script_input_problems(args, cli.user_script))
+    if cli.dry_run:
         # a dry run plans runs where the data is not, so missing inputs are warnings, not errors
-        warnings = [str(problem) for problem in input_file_problems(args)]
+        warnings = [str(problem) for problem in [*input_file_problems(args), *script_inputs]]
         for warning in warnings:
             print(f"neox: warning: {warning}", file=sys.stderr)
         report = {
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in fast_path.plan_lines(args):  # what the ranks will choose (stdout stays one JSON object)
             print(f"neox: ranks will run {line}", file=sys.stderr)
         return 0
+    if script_inputs and not (args.launcher.hostfile or args.launcher.deepspeed_slurm):
+        raise script_inputs[0]  # a local launch: the ranks would find the same
     return launch(args, cli.user_script)
 
 

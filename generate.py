@@ -3,8 +3,9 @@
 
 NeoX keys: ``text_gen_type`` (unconditional, input-file, interactive), ``sample_input_file``,
 ``sample_output_file`` (JSON lines ``{"context", "text"}``), ``maximum_tokens``, ``temperature``
-(0 = greedy), ``top_k``, ``top_p``, ``recompute`` (no KV cache). Weights come from ``load`` in any
-saved TP/PP layout and are resharded on the fly to this run's ``model_parallel_size``.
+(0 = greedy), ``top_k``, ``top_p``, ``recompute`` (no KV cache). Weights come from ``load``, else from the
+latest checkpoint under ``save`` (so the training config works unchanged), in any saved TP/PP layout, and
+are resharded on the fly to this run's ``model_parallel_size``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from neox.errors import ConfigError, exit_code_of
+from neox.errors import exit_code_of
 
 
 def _dtype(args: Any, device: Any) -> Any:
@@ -25,25 +26,25 @@ def _dtype(args: Any, device: Any) -> Any:
 
 
 def run(args: Any) -> dict[str, float]:
-    """Build the model at this run's TP size, load ``load``, generate per ``text_gen_type``."""
+    """Build the model at this run's TP size, load its checkpoint, generate per ``text_gen_type``."""
     import torch
 
+    from neox.config.run import inference_load_dir
+    from neox.config.validate import script_inputs_exist, validate_for_script
     from neox.generation import Generator, SamplingParams, load_weights, run_mode
     from neox.model import GPTModel
     from neox.tokenizer.build import build_tokenizer
     from neox.training.pretrain import init_distributed
 
-    if args.parallel.pipe_parallel_size > 1:
-        raise ConfigError("pipe_parallel_size: generate.py runs the plain model; set 0 or 1 "
-                          "(pipeline checkpoints load at any pipeline size)")
-    if not args.checkpoint.load:
-        raise ConfigError("load: generate.py needs a checkpoint folder to load weights from")
+    validate_for_script(args, "generate.py")  # deepy.py checked these before launching; a direct start had not
+    script_inputs_exist(args, "generate.py")
+    load = inference_load_dir(args.checkpoint)
     device = init_distributed(args)
     tokenizer = build_tokenizer(args.tokenizer)
     if args.model.padded_vocab_size is None:
         args = args.with_vocab_size(tokenizer.vocab_size)
     model = GPTModel(args.model, seed=args.training.seed, device=device, dtype=_dtype(args, device)).eval()
-    load_weights(model, args.checkpoint.load, args.model)
+    load_weights(model, load, args.model)
     tg = args.textgen
     params = SamplingParams(maximum_tokens=tg.maximum_tokens, temperature=tg.temperature, top_k=tg.top_k,
                             top_p=tg.top_p, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size,

@@ -100,14 +100,16 @@ class ModelConfig:
     """Attention kind per layer. Written as NeoX pairs, e.g. [[["global"], 12]] or [[["flash"], 32]]; expanded to one entry per layer (counts must sum to num_layers). 'global' and 'flash' are both full causal attention ('flash' asks for the flash kernel). Empty: global everywhere."""
 
     init_method: Literal[
-        "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal"
+        "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal",
+        "single_residual_scaled_normal",
     ] = "normal"
     """Init of every weight except residual outputs (attention dense, MLP linear2)."""
 
     output_layer_init_method: Literal[
-        "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal"
+        "normal", "scaled_normal", "xavier_uniform", "xavier_normal", "wang_init", "small_init", "orthogonal", "scaled_orthogonal",
+        "single_residual_scaled_normal",
     ] = "scaled_normal"
-    """Init of the residual output layers (attention dense, MLP linear2)."""
+    """Init of the residual output layers (attention dense, MLP linear2). 'scaled_normal': init_method_std / sqrt(2 * num_layers); 'single_residual_scaled_normal' (GPT-NeoX's, for one residual branch per layer): init_method_std / sqrt(num_layers)."""
 
     init_method_std: float = 0.02
     """Standard deviation of the 'normal' and 'scaled_normal' inits."""

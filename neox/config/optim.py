@@ -11,7 +11,7 @@ class OptimizerConfig:
     """Optimizer arguments (the dicts pass through to DeepSpeed)."""
 
     optimizer: dict[str, Any] = field(default_factory=dict)
-    """Optimizer as NeoX writes it: {type: Adam|AdamW|..., params: {lr, betas, eps, ...}}."""
+    """Optimizer as NeoX writes it: {type, params: {lr, betas, eps, ...}}. type Adam, AdamW or FusedAdam: AdamW (torch's, or DeepSpeed's prebuilt FusedAdam / CPU Adam); cpu_adam: DeepSpeed's CPU Adam with ZeRO CPU offload or on CPU ranks (compiled on first use: needs a C++ compiler and ninja); SGD."""
 
     weight_decay: float = 0.1
     """Weight decay coefficient (not applied to biases and norm weights)."""

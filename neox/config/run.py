@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -160,37 +161,39 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class TextGenConfig:
-    """Text-generation arguments (generate.py)."""
+    """Text-generation arguments (generate.py). Their values are checked when the config resolves; what
+    generate.py needs besides (text_gen_type, a checkpoint, the prompts file) is checked by deepy.py
+    before it launches (``neox.config.validate.validate_for_script``)."""
 
-    text_gen_type: str | None = None
-    """'unconditional', 'input-file' or 'interactive'."""
+    text_gen_type: Literal["unconditional", "input-file", "interactive"] | None = None
+    """How generate.py samples (required there): 'unconditional' (num_samples samples from the EOD token), 'input-file' (one completion per prompt of sample_input_file) or 'interactive' (prompts read from stdin). GPT-NeoX's 'precompute' is not implemented."""
 
     sample_input_file: str | None = None
-    """Prompts, one per line."""
+    """Prompts for text_gen_type 'input-file', separated by prompt_end."""
 
     sample_output_file: str = "samples.txt"
-    """Where generated samples are written (JSON lines)."""
+    """Where generated samples are written (JSON lines {"context", "text"})."""
 
     num_samples: int = 1
-    """Unconditional samples to generate."""
+    """Unconditional samples to generate (>= 1)."""
 
     maximum_tokens: int = 64
-    """Tokens generated per prompt."""
+    """Tokens generated per prompt (>= 1; fewer when the context would exceed max_position_embeddings)."""
 
     temperature: float = 0.0
-    """Sampling temperature; 0 is greedy."""
+    """Sampling temperature (>= 0); 0 is greedy."""
 
     top_k: int = 0
-    """Sample only among the k most likely tokens (0: off)."""
+    """Sample only among the k most likely tokens (>= 0; 0: off)."""
 
     top_p: float = 0.0
-    """Nucleus sampling probability mass (0: off)."""
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (in [0, 1]; 0 or 1: off)."""
 
     recompute: bool = False
     """Recompute all attention each step instead of using the KV cache."""
 
     prompt_end: str = "\n"
-    """Separator that ends a prompt in sample_input_file."""
+    """Separator that ends a prompt in sample_input_file (not empty)."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Single-field types and enum values are checked earlier, when values are coerced 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -118,13 +119,13 @@ def unimplemented_model_features(m: ModelConfig, mp: int) -> None:
 
 MODEL_RULES: list[Callable[[ModelConfig, int], None]] = [
     required_shape,
+    known_attention_types,  # an architecture neox lacks (Mamba, RWKV, ...) first: its other keys may not apply
     hidden_divisible_by_heads,
     heads_divisible_by_kv_heads,
     heads_divisible_by_model_parallel,
     mlp_divisible_by_model_parallel,
     sequence_fits_positions,
     rotary_dims,
-    known_attention_types,
     known_activation,
     dropout_probabilities,
     sliding_window,
@@ -362,6 +363,25 @@ def fp8_settings(a: NeoXArgs) -> None:
         raise key_error("te_fp8_margin", f"expected an integer >= 0, got {p.te_fp8_margin}")
 
 
+def text_generation_values(a: NeoXArgs) -> None:
+    """generate.py's keys, checked wherever the config resolves so deepy.py reports them before launching."""
+    tg = a.textgen
+    checks = [
+        ("maximum_tokens", tg.maximum_tokens >= 1, "expected an integer >= 1"),
+        ("num_samples", tg.num_samples >= 1, "expected an integer >= 1"),
+        ("temperature", tg.temperature >= 0.0, "expected a number >= 0 (0: greedy)"),
+        ("top_k", tg.top_k >= 0, "expected an integer >= 0 (0: off)"),
+        ("top_p", 0.0 <= tg.top_p <= 1.0, "expected a probability in [0, 1] (0: off)"),
+        ("prompt_end", tg.prompt_end != "", "expected a non-empty separator"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise key_error(key, f"{expected}, got {getattr(tg, key)!r}")
+    if tg.text_gen_type == "input-file" and not tg.sample_input_file:
+        raise key_error(("sample_input_file", "text_gen_type"), "text_gen_type 'input-file' reads its prompts "
+                        "from sample_input_file; set it to a text file")
+
+
 RULES: list[Callable[[NeoXArgs], None]] = [
     parallel_sizes_positive,
     model_rules,
@@ -381,6 +401,7 @@ RULES: list[Callable[[NeoXArgs], None]] = [
     deepspeed_blocks_known,
     include_or_exclude,
     known_launcher,
+    text_generation_values,
 ]
 
 
@@ -390,8 +411,6 @@ def input_file_problems(a: NeoXArgs) -> Iterator[ConfigError]:
     Not in RULES: a launch node may not see the files. The launch and every rank raise the first one
     (``input_files_exist``); ``deepy.py --dry-run`` lists them all as warnings.
     """
-    import os
-
     d = a.data
     prefixes = [("data_path", d.data_path)] if d.data_path and not d.train_data_paths else []
     for split in ("train", "valid", "test"):
@@ -423,8 +442,6 @@ def input_files_exist(a: NeoXArgs) -> None:
 
 def _creatable_problems(key: str, path: str) -> Iterator[ConfigError]:
     """``path`` is a writable directory or can be made one, found out without writing anything."""
-    import os
-
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -443,6 +460,61 @@ def precision_runs_here(a: NeoXArgs, gpus: int) -> None:
     if gpus == 0 and a.precision.precision == "fp16":
         raise key_error(("precision", "fp16"), "fp16 needs a GPU and none is visible here; on CPU use "
                         "precision: fp32 (or bf16: {enabled: true}), or launch where the GPUs are")
+
+
+INFERENCE_SCRIPTS = ("generate.py", "eval.py")
+
+
+def validate_for_script(a: NeoXArgs, user_script: str) -> None:
+    """What the entry point ``user_script`` needs from the config beyond RULES; deepy.py calls it before
+    launching (and before a dry run), so the error comes before any rank starts."""
+    script = os.path.basename(user_script)
+    if script in INFERENCE_SCRIPTS and a.parallel.pipe_parallel_size > 1:
+        raise key_error("pipe_parallel_size", f"{script} runs the plain model; set 0 or 1 "
+                        "(pipeline checkpoints load at any pipeline size)")
+    if script == "generate.py" and a.textgen.text_gen_type is None:
+        raise key_error("text_gen_type", "generate.py needs text_gen_type: 'unconditional', 'input-file' or "
+                        "'interactive' (e.g. from configs/text_generation.yml)")
+
+
+def script_input_problems(a: NeoXArgs, user_script: str) -> Iterator[ConfigError]:
+    """The files ``user_script`` reads that are not here: the checkpoint of generate.py and eval.py (``load``,
+    else the latest under ``save``) and generate.py's sample_input_file. Like ``input_file_problems``:
+    warnings in a dry run, errors at a local launch and on the ranks."""
+    script = os.path.basename(user_script)
+    if script in INFERENCE_SCRIPTS:
+        yield from _checkpoint_to_read_problems(a, script)
+    tg = a.textgen
+    if script == "generate.py" and tg.text_gen_type == "input-file" and tg.sample_input_file \
+            and not os.path.isfile(tg.sample_input_file):
+        yield key_error("sample_input_file", f"{tg.sample_input_file}: file not found (the prompts of "
+                        "text_gen_type 'input-file')")
+
+
+def _checkpoint_to_read_problems(a: NeoXArgs, script: str) -> Iterator[ConfigError]:
+    from neox.config.run import inference_load_dir
+
+    ck = a.checkpoint
+    where = inference_load_dir(ck)
+    if where is None:
+        held = f"save ({ck.save}) holds none (no latest file there)" if ck.save else "neither is save"
+        yield key_error(("load", "save"), f"{script} needs a checkpoint: set load, or train first so that save "
+                        f"holds one; load is not set and {held}")
+    elif "://" not in where and (os.path.isdir(where) or os.path.abspath(where) == os.path.abspath(ck.save or "")) \
+            and not os.path.isfile(os.path.join(where, "latest")) and not _holds_model_files(where):
+        # a missing load folder is input_file_problems' warning, except load == save (the resume setup)
+        yield key_error("load", f"{where}: no checkpoint there (expected a latest file or DeepSpeed "
+                        "mp_rank_XX_model_states.pt / layer_XX-model_YY-model_states.pt files)")
+
+
+def _holds_model_files(path: str) -> bool:
+    return os.path.isdir(path) and any(name.endswith("model_states.pt") for name in os.listdir(path))
+
+
+def script_inputs_exist(a: NeoXArgs, user_script: str) -> None:
+    """Raise the first of ``script_input_problems`` (deepy.py before a local launch, generate.py on each rank)."""
+    for problem in script_input_problems(a, user_script):
+        raise problem
 
 
 def validate(args: NeoXArgs) -> None:

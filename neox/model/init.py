@@ -30,6 +30,8 @@ def init_method(name: str, *, std: float, num_layers: int, hidden_size: int) -> 
         return _std_method(std)
     if name == "scaled_normal":
         return _std_method(std / math.sqrt(2.0 * num_layers))
+    if name == "single_residual_scaled_normal":  # GPT-NeoX's: scaled_normal for one residual branch per layer
+        return _std_method(std / math.sqrt(num_layers))
     if name == "small_init":
         return _std_method(math.sqrt(2.0 / (5.0 * hidden_size)))
     if name == "wang_init":

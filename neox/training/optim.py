@@ -81,7 +81,9 @@ def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device
         return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, compile=device.type == "cuda",
                                  accumulate_fp32=fp32_sums, skip_nonfinite=fast_path.skips_nonfinite(args),
                                  dp_group=dp_group)
-    if _offloads_optimizer(args.optim.zero_optimization) and boundary.installed_op("cpu_adam"):
+    offload = _offloads_optimizer(args.optim.zero_optimization)
+    if kind == "cpu_adam" and (offload or device.type == "cpu") or offload and boundary.installed_op("cpu_adam"):
+        # prebuilt, or named (GPT-NeoX's cpu_adam): DeepSpeed's CPU Adam, JIT-compiled on first use if need be
         return boundary.deepspeed_adam(groups, cpu=True, lr=lr, betas=betas, eps=eps)
     if device.type == "cuda" and boundary.installed_op("fused_adam"):
         return boundary.deepspeed_adam(groups, cpu=False, lr=lr, betas=betas, eps=eps)

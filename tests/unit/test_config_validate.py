@@ -90,6 +90,7 @@ RULE_CASES = [
     ("sliding_window", dict(sliding_window_width=4), None),
     ("unimplemented_model_features", dict(output_layer_parallelism="row"), "output_layer_parallelism: only 'column'"),
     ("unimplemented_model_features", dict(output_layer_parallelism="column", use_qk_layernorm=False), None),
+    ("text_generation_values", dict(top_p=2.0), "top_p: expected a probability in [0, 1]"),
 ]
 
 
