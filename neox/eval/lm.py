@@ -270,10 +270,11 @@ def _score_hits(logprobs: torch.Tensor, sizes: list[int], hits: list[tuple[Any, 
 
     ``logprobs`` [sum contlen, V] are a batch's rows of ``sizes`` positions; ``hits`` the harness's
     (request, continuation tokens, row). Scored on the device and read back once: one host sync a batch,
-    not two a request. As the HF backend, a continuation shorter than its row (the harness's one-token
-    cache hits) takes its log-probabilities from the row's first positions, its greedy check from the last.
+    not two a request. As the HF backend, a continuation shorter than its row (a harness cache hit that
+    shares another request's row) takes its log-probabilities from the row's first positions, its greedy
+    check from the last.
     """
-    conts = [[int(c)] if isinstance(c, int) else [int(t) for t in c] for _, c, _ in hits]
+    conts = [[int(t) for t in c] for _, c, _ in hits]
     offsets = [sum(sizes[:r]) for r in range(len(sizes))]
     width = max(len(c) for c in conts)
     toks, at_lp, at_greedy = [], [], []

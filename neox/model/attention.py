@@ -80,10 +80,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
 
 
-def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float) -> torch.Tensor:
-    """q [b, nq, s, d], k/v [b, nkv, t, d], additive mask [b, 1, s, t]."""
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0,
+                expand_gqa: bool | None = None) -> torch.Tensor:
+    """q [b, nq, s, d], k/v [b, nkv, t, d], additive mask [b, 1, s, t]; ``expand_gqa`` defaults to CUDA."""
     rep = q.shape[1] // k.shape[1]
-    if rep == 1 or not q.is_cuda:  # the CPU kernels take a mask with GQA
+    if rep == 1 or not (q.is_cuda if expand_gqa is None else expand_gqa):  # the CPU kernels take a mask with GQA
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=rep > 1)
     # CUDA's masked kernels refuse GQA, so SDPA would fall back to its math kernel. One new token per row
     # (decoding): its query heads become query rows of their KV head, so the cache is read, never copied.
@@ -147,6 +148,6 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)
             mask = kv_cache.attn_mask(q.shape[2], self.window, q.dtype)  # one per forward, shared by the layers
             if mask is not None:  # rows of different lengths (left padding): eval only
-                return _masked_sdpa(q, k, v, mask, dropout).transpose(1, 2)
+                return masked_sdpa(q, k, v, mask, dropout).transpose(1, 2)
         return _sdpa(q, k, v, dropout, self.window).transpose(1, 2)
 
