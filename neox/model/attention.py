@@ -82,7 +82,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0,
                 expand_gqa: bool | None = None) -> torch.Tensor:
-    """q [b, nq, s, d], k/v [b, nkv, t, d], additive mask [b, 1, s, t]; ``expand_gqa`` defaults to CUDA."""
+    """q [b, nq, s, d], k/v [b, nkv, t, d], mask [b, 1, s, t]; ``expand_gqa`` defaults to CUDA."""
     rep = q.shape[1] // k.shape[1]
     if rep == 1 or not (q.is_cuda if expand_gqa is None else expand_gqa):  # the CPU kernels take a mask with GQA
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=rep > 1)
@@ -146,7 +146,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
-            mask = kv_cache.attn_mask(q.shape[2], self.window, q.dtype)  # one per forward, shared by the layers
+            # one per forward, shared by the layers; additive on CUDA, where SDPA would convert a boolean one per call
+            mask = kv_cache.attn_mask(q.shape[2], self.window, q.dtype if q.is_cuda else None)
             if mask is not None:  # rows of different lengths (left padding): eval only
                 return masked_sdpa(q, k, v, mask, dropout).transpose(1, 2)
         return _sdpa(q, k, v, dropout, self.window).transpose(1, 2)

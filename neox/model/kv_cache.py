@@ -5,9 +5,9 @@ Per layer, keys and values of this rank's KV heads: [b, kv_heads / tp, max_lengt
 new tokens' keys/values at [seen, seen + s), attends over [0, seen + s) and then advances ``seen``.
 ``key_mask`` [b, max_length] (optional, True = a real token) lets rows of different lengths share one
 cache (left padding, as batched evaluation needs): no query attends to a padding slot but its own.
-That mask is built once per forward (every layer asks for the same one), as the additive float mask
-SDPA would otherwise convert a boolean one into at every layer, in rows padded to 8 elements so the
-CUDA memory-efficient kernel takes it without a copy.
+That mask is built once per forward (every layer asks for the same one); on CUDA as the additive
+float mask SDPA would otherwise convert a boolean one into at every layer, in rows padded to 8
+elements so the memory-efficient kernel takes it without a copy.
 """
 
 from __future__ import annotations
