@@ -30,6 +30,7 @@ def parse_cli(argv: list[str]) -> argparse.Namespace:
     # the overrides GPT-NeoX's deepy.py accepts
     parser.add_argument("--wandb_group", default=None, help="W&B group (overrides the config)")
     parser.add_argument("--wandb_team", default=None, help="W&B team (overrides the config)")
+    parser.add_argument("--eval_tasks", nargs="+", default=None, help="lm-eval tasks (overrides the config; eval.py)")
     return parser.parse_args(argv)
 
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(cli.user_script):
         raise ConfigError(f"{cli.user_script}: user script not found")
 
-    overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team)) if v is not None}
+    overrides = {k: v for k, v in (("wandb_group", cli.wandb_group), ("wandb_team", cli.wandb_team),
+                                   ("eval_tasks", cli.eval_tasks)) if v is not None}
     # the launcher counts the ranks (GPUs here, a hostfile, SLURM's variables): resolving the YAML does not
     args = NeoXArgs.from_ymls(cli.conf_file, overrides, conf_dir=cli.conf_dir, plan_world=planned_world_size)
     from neox.config.validate import input_file_problems, script_input_problems, validate_for_script

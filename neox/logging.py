@@ -183,6 +183,16 @@ class MetricsLogger:
         self._write_jsonl(rec)
         self._write_scalars(split, rec, iteration)
 
+    def log_eval_metrics(self, split: str, iteration: int, metrics: dict[str, float]) -> None:
+        """Log one evaluation's named metrics (lm-eval tasks: ``"<task>/<metric>"`` keys) as one record."""
+        if not self.enabled:
+            return
+        rec = {"split": split, "iteration": iteration, **metrics}
+        shown = " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items())
+        print(f" {split} results at iteration {iteration} | {shown}", flush=True)
+        self._write_jsonl(rec)
+        self._write_scalars(split, rec, iteration)
+
     def close(self) -> None:
         """Flush and close the writers."""
         if self.tb is not None:

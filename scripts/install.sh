@@ -11,6 +11,7 @@ $PIP install -q "setuptools>=61" wheel  # DeepSpeed and neox build without isola
 $PIP install -q -r requirements.txt
 DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed==0.19.8"
 $PIP install -q -r requirements-dev.txt
+$PIP install -q "lm_eval[hf]==0.4.13"  # lm-evaluation-harness: eval.py and eval_tasks; imported only when used
 $PIP install -q --no-deps "torchao==0.18.0"  # FP8 training (fp8_recipe); imported only when FP8 is on
 $PIP install -q --no-deps --no-build-isolation -e .
 echo "neox installed: $(${PYTHON:-python3} -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1)"

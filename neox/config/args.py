@@ -21,7 +21,14 @@ from neox.config.loader import merge_files, resolve_paths
 from neox.config.model import ModelConfig
 from neox.config.optim import LRConfig, OptimizerConfig, PrecisionConfig
 from neox.config.parallel import ParallelConfig
-from neox.config.run import CheckpointConfig, LauncherConfig, LoggingConfig, TextGenConfig, TrainingConfig
+from neox.config.run import (
+    CheckpointConfig,
+    EvalConfig,
+    LauncherConfig,
+    LoggingConfig,
+    TextGenConfig,
+    TrainingConfig,
+)
 from neox.config.vocab import probe_vocab_size
 from neox.errors import ConfigError
 
@@ -45,6 +52,7 @@ class NeoXArgs:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     textgen: TextGenConfig = field(default_factory=TextGenConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     compat: dict[str, Any] = field(default_factory=dict)
     """GPT-NeoX keys accepted for compatibility that have no effect here (see docs/config.md)."""
 

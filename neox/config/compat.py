@@ -76,8 +76,6 @@ NO_EFFECT: dict[str, str] = {
     "comet_tags": "only read with use_comet (unsupported)",
     "comet_others": "only read with use_comet (unsupported)",
     "memory_profiling_path": "only read with memory_profiling (unsupported)",
-    "eval_results_prefix": "lm-eval-harness is not integrated",
-    "eval_tasks": "lm-eval-harness is not integrated",
     # process and runner state NeoX stores on its args object
     "distributed_backend": "nccl on GPU, gloo on CPU, chosen automatically (NeoX configs say nccl and are run on CPU)",
     "local_rank": "set by the launcher",

@@ -17,7 +17,14 @@ from neox.config.data import DataConfig, TokenizerConfig
 from neox.config.model import ModelConfig
 from neox.config.optim import LRConfig, OptimizerConfig, PrecisionConfig
 from neox.config.parallel import ParallelConfig
-from neox.config.run import CheckpointConfig, LauncherConfig, LoggingConfig, TextGenConfig, TrainingConfig
+from neox.config.run import (
+    CheckpointConfig,
+    EvalConfig,
+    LauncherConfig,
+    LoggingConfig,
+    TextGenConfig,
+    TrainingConfig,
+)
 
 # NeoXArgs attribute -> section class, in the order docs/config.md lists them.
 SECTIONS: Mapping[str, type] = MappingProxyType(
@@ -34,6 +41,7 @@ SECTIONS: Mapping[str, type] = MappingProxyType(
         "logging": LoggingConfig,
         "textgen": TextGenConfig,
         "launcher": LauncherConfig,
+        "eval": EvalConfig,
     }
 )
 

@@ -235,3 +235,32 @@ class LauncherConfig:
 
     account: str | None = None
     """Passed as --account to srun."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """lm-evaluation-harness tasks (eval.py, and in training at every eval_interval); needs the ``eval`` extra."""
+
+    eval_tasks: list[str] = field(default_factory=list)
+    """Harness task or group names to run (e.g. lambada_openai hellaswag); in training they run at every eval_interval and at the end."""
+
+    eval_results_prefix: str = ""
+    """Results go to {eval_results_prefix}_eval_results_<time>.json (empty: <log_dir or .>/eval_results_<time>.json)."""
+
+    eval_tasks_include_path: list[str] = field(default_factory=list)
+    """Folders of task YAMLs handed to the harness's TaskManager (local and custom tasks, offline)."""
+
+    eval_num_fewshot: int | None = None
+    """Few-shot examples per request (None: each task's own default)."""
+
+    eval_limit: float | None = None
+    """Documents per task: an integer count, or a fraction below 1 (None: all)."""
+
+    eval_batch_size: int = 8
+    """Requests per forward pass (loglikelihood) and sequences decoded together (generate_until)."""
+
+    eval_bootstrap_iters: int = 100000
+    """Bootstrap resamples for the metrics' standard errors (0: skip them, much faster)."""
+
+    eval_log_samples: bool = False
+    """Also write the harness's per-sample files (samples_<task>_<time>.jsonl) beside the results."""

@@ -130,5 +130,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
+            mask = kv_cache.attn_mask(q.shape[2])
+            if mask is not None:  # rows of different lengths (left padding): eval only
+                if self.window is not None:  # slot distances are position distances within a row
+                    mask = mask & window_mask(q.shape[2], k.shape[2], self.window, q.device)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
+                                                      dropout_p=dropout).transpose(1, 2)
         return _sdpa(q, k, v, dropout, self.window).transpose(1, 2)
 

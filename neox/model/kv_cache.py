@@ -3,6 +3,8 @@
 Per layer, keys and values of this rank's KV heads: [b, kv_heads / tp, max_length, head_dim].
 ``seen`` counts the tokens already written; ``GPTModel.forward(ids, kv_cache=cache)`` writes the
 new tokens' keys/values at [seen, seen + s), attends over [0, seen + s) and then advances ``seen``.
+``key_mask`` [b, max_length] (optional, True = a real token) lets rows of different lengths share one
+cache (left padding, as batched evaluation needs): no query attends to a padding slot but its own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class KVCache:
     values: list[torch.Tensor]
     seen: int = 0
     _pending: int = field(default=0, repr=False)
+    key_mask: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -44,6 +47,17 @@ class KVCache:
         self.values[layer][:, :, self.seen:end] = v
         self._pending = s
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attn_mask(self, s: int) -> torch.Tensor | None:
+        """Boolean mask [b, 1, s, seen + s] for the ``s`` queries being written (None without key_mask)."""
+        if self.key_mask is None:
+            return None
+        t = self.seen + s
+        causal = torch.ones(s, t, dtype=torch.bool, device=self.key_mask.device).tril(diagonal=t - s)
+        own = torch.zeros(s, t, dtype=torch.bool, device=self.key_mask.device)
+        own[:, t - s:] = torch.eye(s, dtype=torch.bool, device=self.key_mask.device)
+        # a padding query sees itself only, so its (unused) output stays finite and never NaNs the values
+        return (causal & self.key_mask[:, None, None, :t]) | own
 
     def advance(self) -> None:
         """Called once per model forward, after every layer has written its keys/values."""

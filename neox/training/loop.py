@@ -42,6 +42,8 @@ class TrainContext:
     stop: StopRequests
     save_fn: Callable[[TrainState, int], None] | None = None
     peak_tflops: float | None = None
+    eval_tasks_fn: Callable[[int], None] | None = None
+    """Runs the lm-eval ``eval_tasks`` at an iteration (neox.eval.training); None without tasks."""
     weights_suspect: bool = False
     """A step with a non-finite loss was applied (no fp16 loss scaler skipped it): don't save."""
     grad_norms: GradNorms | None = None
@@ -236,6 +238,8 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
             last_saved = state.iteration
         if eval_now:
             run_eval(ctx, state, valid_iter, "validation")
+            if ctx.eval_tasks_fn is not None:
+                ctx.eval_tasks_fn(state.iteration)
         paused += time.perf_counter() - t  # saving and evaluation are not training throughput
         if reason is not None:
             if last_saved != state.iteration:
@@ -244,4 +248,6 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     if last_saved != state.iteration and state.iteration > 0:
         _save(ctx, state)
     run_eval(ctx, state, test_iter, "test")
+    if ctx.eval_tasks_fn is not None and not (tcfg.eval_interval and state.iteration % tcfg.eval_interval == 0):
+        ctx.eval_tasks_fn(state.iteration)  # the end of training, unless the last interval just ran them
     return None

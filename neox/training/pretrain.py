@@ -275,6 +275,14 @@ def _summary(args: NeoXArgs, state: TrainState, secs: float, iters: int, tokens:
         print(f"neox: stopped at iteration {state.iteration} ({reason}); {saved}", flush=True)
 
 
+def _eval_tasks_fn(args: NeoXArgs, engine: Any, tokenizer: Any, logger: MetricsLogger) -> Any:
+    if not args.eval.eval_tasks:
+        return None
+    from neox.eval.training import make_eval_tasks_fn
+
+    return make_eval_tasks_fn(args, engine, tokenizer, logger)
+
+
 def pretrain(args: NeoXArgs) -> TrainResult:
     """Train the model ``args`` describes; every rank calls this (train.py, or a test's spawned rank)."""
     args, device, tokenizer = _prepare(args)
@@ -303,7 +311,8 @@ def pretrain(args: NeoXArgs) -> TrainResult:
     ctx = TrainContext(args=args, engine=engine, device=device, loss_fn=training_loss_fn(args, device, lm_loss),
                        eod=tokenizer.eod,
                        logger=logger, stop=stop, save_fn=_save_fn(engine, args, validation_fn) if args.checkpoint.save else None,
-                       peak_tflops=flops.peak_tflops(_device_name(device), args.logging.peak_theoretical_tflops))
+                       peak_tflops=flops.peak_tflops(_device_name(device), args.logging.peak_theoretical_tflops),
+                       eval_tasks_fn=_eval_tasks_fn(args, engine, tokenizer, logger))
     if rank0:
         print(f"neox: {flops.non_embedding_params(args.model) / 1e6:.2f}M non-embedding parameters, "
               f"{flops.flops_per_token(args.model) / 1e6:.1f} MFLOPs per token, device {device}", flush=True)

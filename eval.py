@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint with lm-evaluation-harness: ``python deepy.py eval.py CONF... --eval_tasks T1 T2``.
+
+Weights come from ``load`` (else the latest checkpoint under ``save``) in any saved TP/PP layout and
+are resharded to this run's ``model_parallel_size``; data-parallel ranks split the requests. Keys:
+``eval_tasks``, ``eval_tasks_include_path``, ``eval_num_fewshot``, ``eval_limit``, ``eval_batch_size``,
+``eval_bootstrap_iters``, ``eval_log_samples``, ``eval_results_prefix`` (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from neox.errors import ConfigError, exit_code_of
+
+
+def checkpoint_to_load(ckpt: Any) -> str:
+    """``load``, else the latest checkpoint under ``save`` (neox.config.run.inference_load_dir's rule)."""
+    from neox.config.run import inference_load_dir
+
+    where = inference_load_dir(ckpt)
+    if where is None:
+        raise ConfigError("load: eval.py needs a checkpoint: set load, or save to a folder holding one (a latest file)")
+    return where
+
+
+def _dtype(args: Any, device: Any) -> Any:
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32  # CPU: fp32, which the reference scores are compared in
+    return {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(args.precision.precision, torch.float32)
+
+
+def run(args: Any) -> dict[str, Any] | None:
+    """Build the model at this run's TP size, load the checkpoint, run ``eval_tasks``; rank 0 writes and logs."""
+    from neox.eval import harness
+    from neox.generation import load_weights
+    from neox.logging import MetricsLogger
+    from neox.model import GPTModel
+    from neox.tokenizer.build import build_tokenizer
+    from neox.training.pretrain import init_distributed
+
+    if args.parallel.pipe_parallel_size > 1:
+        raise ConfigError("pipe_parallel_size: eval.py runs the plain model; set 0 or 1 "
+                          "(pipeline checkpoints load at any pipeline size)")
+    manager = harness.task_manager(args.eval.eval_tasks_include_path)  # first: a missing lm_eval is one line
+    harness.check_tasks(manager, args.eval.eval_tasks)
+    load = checkpoint_to_load(args.checkpoint)
+    from neox.eval.lm import NeoXLM
+
+    device = init_distributed(args)
+    tokenizer = build_tokenizer(args.tokenizer)
+    if args.model.padded_vocab_size is None:
+        args = args.with_vocab_size(tokenizer.vocab_size)
+    model = GPTModel(args.model, seed=args.training.seed, device=device, dtype=_dtype(args, device)).eval()
+    load_weights(model, load, args.model)
+    lm = NeoXLM(model, tokenizer, batch_size=args.eval.eval_batch_size, seed=args.training.seed)
+    results = harness.evaluate_tasks(lm, args.eval, manager, seed=args.training.seed)
+    if results is None or int(os.environ.get("RANK", "0")) != 0:
+        return results
+    path = harness.write_results(results, args.eval, args.logging.log_dir)
+    print(harness.table(results), flush=True)
+    logger = MetricsLogger(args.logging, run_config=args.to_flat() if args.logging.use_wandb else None)
+    try:
+        logger.log_eval_metrics("eval_tasks", _iteration(load), harness.metric_record(results))
+    finally:
+        logger.close()
+    print(f"neox: eval results -> {path}", file=sys.stderr, flush=True)
+    return results
+
+
+def _iteration(load: str) -> int:
+    """The step of the checkpoint evaluated (global_stepN in its latest file), 0 if unknown."""
+    try:
+        with open(os.path.join(load, "latest"), encoding="utf-8") as f:
+            tag = f.read().strip()
+        return int(tag.removeprefix("global_step"))
+    except (OSError, ValueError):
+        return 0
+
+
+def main() -> None:
+    from neox.config import NeoXArgs
+
+    run(NeoXArgs.from_launcher())  # process groups are released at exit (pretrain.shutdown via atexit)
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code_of(main))
