@@ -4,10 +4,10 @@ import json
 import math
 
 from neox.config import LoggingConfig
-from neox.logging import TRAIN_FIELDS, MetricsLogger, console_line, scrub_secrets
+from neox.metrics import TRAIN_FIELDS, MetricsLogger, console_line, scrub_secrets
 from neox.training.state import TrainState
 
-DESIGN_FIELDS = {  # DESIGN.md §4, written out independently of neox.logging
+DESIGN_FIELDS = {  # DESIGN.md §4, written out independently of neox.metrics
     "iteration", "lm_loss", "lr", "grad_norm", "loss_scale", "samples_per_sec", "tokens_per_sec",
     "tflops_per_gpu", "mfu", "consumed_samples", "consumed_tokens", "skipped_iterations",
     "nan_iterations", "max_memory_gib", "elapsed_ms_per_iteration",
@@ -80,7 +80,7 @@ def test_wandb_init_all_ranks_starts_a_run_on_other_ranks(tmp_path, monkeypatch)
 
 
 def test_norm_tables_go_to_the_writers_under_gpt_neox_names():
-    from neox.logging import _scalars
+    from neox.metrics import _scalars
 
     out = _scalars("train", {**_rec(1, 5.0), "param_norms": {"a.weight": 2.0}, "grad_norms": {"a.weight": 0.5},
                               "param_norm": 2.0})
