@@ -67,7 +67,10 @@ def test_wandb_init_all_ranks_starts_a_run_on_other_ranks(tmp_path, monkeypatch)
     import dataclasses
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("RANK", "1")
+    import neox.metrics
+
+    # rank 1 of a run (an earlier test in this process may hold a torch.distributed world of one)
+    monkeypatch.setattr(neox.metrics, "_rank", lambda: 1)
     cfg = LoggingConfig(log_dir=str(tmp_path / "logs"), use_wandb=True, wandb_project="neox-test",
                         wandb_init_all_ranks=True, wandb_run_name="run")
     assert MetricsLogger(dataclasses.replace(cfg, wandb_init_all_ranks=False), enabled=False).wandb is None
