@@ -143,7 +143,7 @@ def deepspeed_adam(groups: list[dict[str, Any]], *, cpu: bool, lr: float, betas:
 
         from neox.training.ds_ops import announce_build
 
-        announce_build("cpu_adam")  # the one line before DeepSpeed JIT-compiles it (if it must)
+        announce_build("cpu_adam", prebuilt=installed_op("cpu_adam"))  # the one line before DeepSpeed JIT-compiles it (if it must)
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     from deepspeed.ops.adam import FusedAdam
 

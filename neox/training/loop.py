@@ -13,7 +13,7 @@ import torch
 
 from neox.config import NeoXArgs
 from neox.errors import NeoXError
-from neox.logging import MetricsLogger, max_memory_gib
+from neox.metrics import MetricsLogger, max_memory_gib
 from neox.training import flops
 from neox.training.engine import Engine
 from neox.training.eval import evaluate
