@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from neox.checkpoint.state import TrainState
 from neox.config import NeoXArgs
 from neox.errors import NeoXError
 from neox.metrics import MetricsLogger, max_memory_gib
@@ -21,7 +22,6 @@ from neox.training.fast_path import FirstStepTimer
 from neox.training.norms import GradNorms, norm_fields
 from neox.training.preemption import StopRequests
 from neox.training.profiler import IterationProfiler
-from neox.training.state import TrainState
 from neox.training.step import LaunchedStep, StepResult, pipe_batches, train_step, train_step_pipe
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
+from neox.checkpoint.state import TrainState
 from neox.config import NeoXArgs
 from neox.config.run import inference_load_dir
 from neox.metrics import MetricsLogger
@@ -27,7 +28,6 @@ from neox.training.loop import TrainContext, train
 from neox.training.lr_schedule import AnnealingLR, resolve_schedule
 from neox.training.optim import base_lr, build_optimizer
 from neox.training.preemption import StopRequests
-from neox.training.state import TrainState
 
 
 @dataclass

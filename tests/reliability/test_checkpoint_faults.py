@@ -18,7 +18,7 @@ import torch
 
 from neox.checkpoint import load_checkpoint, save_checkpoint
 from neox.errors import CheckpointError
-from neox.training.state import TrainState
+from neox.checkpoint.state import TrainState
 from tests.unit.test_checkpoint import _args, init_single_rank, toy_engine, toy_run
 
 

@@ -11,7 +11,7 @@ from neox.metrics import MetricsLogger
 from neox.training.loop import TrainContext, TrainingDivergedError, _account, should_save
 from neox.training.optim import param_groups
 from neox.training.preemption import StopRequests
-from neox.training.state import TrainState
+from neox.checkpoint.state import TrainState
 from neox.training.step import StepResult, get_batch
 
 
