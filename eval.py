@@ -38,7 +38,7 @@ def run(args: Any) -> dict[str, Any] | None:
     """Build the model at this run's TP size, load the checkpoint, run ``eval_tasks``; rank 0 writes and logs."""
     from neox.eval import harness
     from neox.generation import load_weights
-    from neox.logging import MetricsLogger
+    from neox.metrics import MetricsLogger
     from neox.model import GPTModel
     from neox.tokenizer.build import build_tokenizer
     from neox.training.pretrain import init_distributed

@@ -13,7 +13,7 @@ import torch
 
 from neox.config import NeoXArgs
 from neox.errors import NeoXError
-from neox.logging import MetricsLogger, max_memory_gib
+from neox.metrics import MetricsLogger, max_memory_gib
 from neox.training import flops
 from neox.training.engine import Engine
 from neox.training.eval import evaluate
@@ -196,8 +196,11 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     source = pipe_batches(train_iter, ctx.eod, args.data.eod_mask_loss) if ctx.is_pipe else train_iter
     win, nan_run, last_saved = _Window(), 0, None
     lg = args.logging
-    if lg.log_grad_norm and not ctx.is_pipe:  # validation refuses it with the pipeline engine
+    if lg.log_grad_norm:
         ctx.grad_norms = GradNorms(ctx.engine.loss_scale)
+        if ctx.is_pipe:  # train_batch runs backward and the step in one call: capture inside it
+            grads, engine = ctx.grad_norms, ctx.engine
+            engine.before_pipeline_step(lambda: grads.capture(engine.module, engine.optimizer))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
     launched, pending = state.iteration, None

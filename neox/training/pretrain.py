@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_core import parallel_state
 from neox.config import NeoXArgs
 from neox.config.run import inference_load_dir
-from neox.logging import MetricsLogger
+from neox.metrics import MetricsLogger
 from neox.training import engine as boundary
 from neox.training import flops
 from neox.training.engine import Engine
