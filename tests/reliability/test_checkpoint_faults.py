@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from neox.checkpoint import load_checkpoint, save_checkpoint
-from neox.errors import CheckpointError
 from neox.checkpoint.state import TrainState
+from neox.errors import CheckpointError
 from tests.unit.test_checkpoint import _args, init_single_rank, toy_engine, toy_run
 
 

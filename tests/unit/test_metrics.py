@@ -3,9 +3,9 @@
 import json
 import math
 
+from neox.checkpoint.state import TrainState
 from neox.config import LoggingConfig
 from neox.metrics import TRAIN_FIELDS, MetricsLogger, console_line, scrub_secrets
-from neox.checkpoint.state import TrainState
 
 DESIGN_FIELDS = {  # DESIGN.md §4, written out independently of neox.metrics
     "iteration", "lm_loss", "lr", "grad_norm", "loss_scale", "samples_per_sec", "tokens_per_sec",
