@@ -26,22 +26,11 @@ def checkpoint_to_load(ckpt: Any) -> str:
     return where
 
 
-def _dtype(args: Any, device: Any) -> Any:
-    import torch
-
-    if device.type != "cuda":
-        return torch.float32  # CPU: fp32, which the reference scores are compared in
-    return {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(args.precision.precision, torch.float32)
-
-
 def run(args: Any) -> dict[str, Any] | None:
     """Build the model at this run's TP size, load the checkpoint, run ``eval_tasks``; rank 0 writes and logs."""
     from neox.eval import harness
-    from neox.generation import load_weights
-    from neox.logging import MetricsLogger
-    from neox.model import GPTModel
-    from neox.tokenizer.build import build_tokenizer
-    from neox.training.pretrain import init_distributed
+    from neox.inference import load_model
+    from neox.metrics import MetricsLogger
 
     if args.parallel.pipe_parallel_size > 1:
         raise ConfigError("pipe_parallel_size: eval.py runs the plain model; set 0 or 1 "
@@ -51,12 +40,7 @@ def run(args: Any) -> dict[str, Any] | None:
     load = checkpoint_to_load(args.checkpoint)
     from neox.eval.lm import NeoXLM
 
-    device = init_distributed(args)
-    tokenizer = build_tokenizer(args.tokenizer)
-    if args.model.padded_vocab_size is None:
-        args = args.with_vocab_size(tokenizer.vocab_size)
-    model = GPTModel(args.model, seed=args.training.seed, device=device, dtype=_dtype(args, device)).eval()
-    load_weights(model, load, args.model)
+    model, tokenizer, args = load_model(args, load)
     lm = NeoXLM(model, tokenizer, batch_size=args.eval.eval_batch_size, seed=args.training.seed)
     results = harness.evaluate_tasks(lm, args.eval, manager, seed=args.training.seed)
     if results is None or int(os.environ.get("RANK", "0")) != 0:

@@ -17,34 +17,19 @@ from typing import Any
 from neox.errors import exit_code_of
 
 
-def _dtype(args: Any, device: Any) -> Any:
-    import torch
-
-    if device.type != "cuda":
-        return torch.float32  # CPU: fp32 (bf16 matmuls are slow there and fp16 unsupported)
-    return {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(args.precision.precision, torch.float32)
-
-
 def run(args: Any) -> dict[str, float]:
     """Build the model at this run's TP size, load its checkpoint, generate per ``text_gen_type``."""
     import torch
 
     from neox.config.run import inference_load_dir
     from neox.config.validate import script_inputs_exist, validate_for_script
-    from neox.generation import Generator, SamplingParams, load_weights, run_mode
-    from neox.model import GPTModel
-    from neox.tokenizer.build import build_tokenizer
-    from neox.training.pretrain import init_distributed
+    from neox.generation import Generator, SamplingParams, run_mode
+    from neox.inference import load_model
 
     validate_for_script(args, "generate.py")  # deepy.py checked these before launching; a direct start had not
     script_inputs_exist(args, "generate.py")
     load = inference_load_dir(args.checkpoint)
-    device = init_distributed(args)
-    tokenizer = build_tokenizer(args.tokenizer)
-    if args.model.padded_vocab_size is None:
-        args = args.with_vocab_size(tokenizer.vocab_size)
-    model = GPTModel(args.model, seed=args.training.seed, device=device, dtype=_dtype(args, device)).eval()
-    load_weights(model, load, args.model)
+    model, tokenizer, args = load_model(args, load)
     tg = args.textgen
     params = SamplingParams(maximum_tokens=tg.maximum_tokens, temperature=tg.temperature, top_k=tg.top_k,
                             top_p=tg.top_p, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size,

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,9 @@ import torch.distributed as dist
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
 from neox.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def _agree(token: torch.Tensor) -> torch.Tensor:
     return token
 
 
-def max_context(cfg: Any) -> int:
+def max_context(cfg: ModelConfig) -> int:
     return cfg.max_position_embeddings or cfg.seq_length
 
 
@@ -215,7 +218,7 @@ def _share_line(line: str) -> str:
     return box[0]
 
 
-def load_weights(model: torch.nn.Module, load: str, cfg: Any) -> int:
+def load_weights(model: torch.nn.Module, load: str, cfg: ModelConfig) -> int:
     """Fill this rank's shard of ``model`` from the checkpoint at ``load`` (any TP/PP layout); returns tensors."""
     from neox.convert import names, weights
     from neox.model.layout import layout_of

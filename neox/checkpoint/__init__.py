@@ -2,7 +2,7 @@
 
 ``save_checkpoint(engine, ck, state, iteration)`` and ``load_checkpoint(engine, ck)`` are what
 the training loop calls (both are collectives: every rank calls them); ``engine`` is a
-``neox.training.engine.Engine`` and ``ck`` the run's ``CheckpointConfig``. Layout, atomicity and S3
+any engine with the ``engine_api.CheckpointEngine`` methods (``neox.training.engine.Engine``) and ``ck`` the run's ``CheckpointConfig``. Layout, atomicity and S3
 behaviour are described in docs/checkpoints.md.
 """
 
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from neox.checkpoint import local
 from neox.checkpoint.s3 import S3Settings, S3Uploader, default_cache_dir, download_latest, is_s3_url, scrub
+from neox.checkpoint.state import TrainState
 from neox.config.run import CheckpointConfig
 from neox.errors import CheckpointError
 
-if TYPE_CHECKING:  # types of the training package, which builds on this one
-    from neox.training.engine import Engine
-    from neox.training.state import TrainState
+if TYPE_CHECKING:
+    from neox.checkpoint.engine_api import CheckpointEngine as Engine
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,6 @@ def load_checkpoint(engine: Engine, ck: CheckpointConfig, *,
     iteration), or ``s3://bucket/prefix``. With ``finetune`` only the weights are loaded and the
     returned state starts at iteration 0.
     """
-    from neox.training.state import TrainState
-
     if not ck.load:
         return None
     where = _fetch_s3(ck.load, ck.save) if is_s3_url(ck.load) else ck.load

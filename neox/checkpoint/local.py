@@ -27,8 +27,8 @@ from neox.checkpoint import manifest as mf
 from neox.checkpoint.rng import get_rng_state, load_rng_state, save_rng_state, set_rng_state
 from neox.errors import CheckpointError
 
-if TYPE_CHECKING:  # the training package builds on this one
-    from neox.training.engine import Engine
+if TYPE_CHECKING:
+    from neox.checkpoint.engine_api import CheckpointEngine as Engine
 
 log = logging.getLogger(__name__)
 

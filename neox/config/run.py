@@ -150,7 +150,7 @@ class LoggingConfig:
     """Profiling stops after the step that ends at this iteration (exclusive start: profile_step_stop - profile_step_start steps are profiled)."""
 
     log_grad_norm: bool = False
-    """Add each parameter's gradient L2 norm (the full tensor, after the data-parallel reduction, before clipping) to the logged records as grad_norms {name: norm} and grad_norm_total; W&B/TensorBoard get them as gradient_norms/NAME (GPT-NeoX's names). The global grad_norm is in every record regardless. Computed each step (one norm per parameter, a collective); only with pipe_parallel_size 0."""
+    """Add each parameter's gradient L2 norm (the full tensor, after the data-parallel reduction, before clipping) to the logged records as grad_norms {name: norm} and grad_norm_total; W&B/TensorBoard get them as gradient_norms/NAME (GPT-NeoX's names). The global grad_norm is in every record regardless. Computed each step (one norm per parameter, a collective), on the plain and the pipeline engine (there inside train_batch, right before its optimizer step; stages gathered)."""
 
     log_param_norm: bool = False
     """Add each parameter's L2 norm (the full tensor over tensor-parallel shards and pipeline stages) to the logged records as param_norms {name: norm} and their total param_norm; W&B/TensorBoard get them as parameter_norms/NAME (GPT-NeoX's names). Computed at logged iterations."""

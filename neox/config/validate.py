@@ -191,10 +191,6 @@ def pipeline_settings(a: NeoXArgs) -> None:
     if method.lower() not in PARTITION_METHODS and not (method.lower().startswith("type:") and len(method) > 5):
         raise key_error("pipe_partition_method", f"expected 'parameters', 'uniform' or 'type:REGEX' (DeepSpeed's "
                         f"PipelineModule partition methods), got {method!r}")
-    if a.logging.log_grad_norm and a.parallel.pipe_parallel_size >= 1:
-        raise key_error(("log_grad_norm", "pipe_parallel_size"), "per-parameter gradient norms need pipe_parallel_size 0: "
-                        "DeepSpeed's pipeline engine runs backward and the optimizer inside one call (grad_norm, the "
-                        "global norm, is in every record)")
 
 
 def lr_scheduler_switches(a: NeoXArgs) -> None:

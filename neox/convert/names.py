@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from neox.errors import CheckpointError, ConfigError
 from neox.model.attention import head_dim, num_kv_heads
 from neox.model.layout import model_layout
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 Rule = tuple[str, tuple[str, ...], str]
 
@@ -169,18 +172,18 @@ def family_rules(family: Family, num_layers: int) -> Iterator[tuple[str, tuple[s
 
 
 # ---------------------------------------------------------------- tensor transforms
-def _qkv_heads_to_fused(t: torch.Tensor, cfg: Any) -> torch.Tensor:
+def _qkv_heads_to_fused(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """HF GPTNeoX's per-head [nh, 3, d] rows -> [Q; K; V]."""
     nh, d = cfg.num_attention_heads, head_dim(cfg)
     return t.reshape(nh, 3, d, -1).transpose(0, 1).reshape(t.shape)
 
 
-def _fused_to_qkv_heads(t: torch.Tensor, cfg: Any) -> torch.Tensor:
+def _fused_to_qkv_heads(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     nh, d = cfg.num_attention_heads, head_dim(cfg)
     return t.reshape(3, nh, d, -1).transpose(0, 1).reshape(t.shape)
 
 
-def neox_to_other(t: torch.Tensor, kind: str, cfg: Any, family: Family, sections: tuple[int, ...] | None,
+def neox_to_other(t: torch.Tensor, kind: str, cfg: ModelConfig, family: Family, sections: tuple[int, ...] | None,
                   vocab_size: int | None = None) -> list[torch.Tensor]:
     """One full neox tensor -> the other family's tensors (in the order of the rule's names).
 
@@ -201,7 +204,7 @@ def neox_to_other(t: torch.Tensor, kind: str, cfg: Any, family: Family, sections
     return parts
 
 
-def other_to_neox(parts: list[torch.Tensor], kind: str, cfg: Any, family: Family) -> torch.Tensor:
+def other_to_neox(parts: list[torch.Tensor], kind: str, cfg: ModelConfig, family: Family) -> torch.Tensor:
     """The other family's tensors of one rule -> the full neox tensor."""
     if kind == "vocab":
         return pad_vocab(parts[0], cfg.padded_vocab_size or parts[0].shape[0])
@@ -231,7 +234,7 @@ class LazyWeights(Mapping):
         return len(self._makers)
 
 
-def from_family(source: Mapping[str, torch.Tensor], cfg: Any, family: Family) -> LazyWeights:
+def from_family(source: Mapping[str, torch.Tensor], cfg: ModelConfig, family: Family) -> LazyWeights:
     """Full neox weights (lazy) from another family's full tensors; rules whose names are absent are skipped."""
     makers: dict[str, Callable[[], torch.Tensor]] = {}
     for neox, other, kind in family_rules(family, cfg.num_layers):
@@ -242,7 +245,7 @@ def from_family(source: Mapping[str, torch.Tensor], cfg: Any, family: Family) ->
     return LazyWeights(makers)
 
 
-def to_family(full: Mapping[str, torch.Tensor], cfg: Any, family: Family,
+def to_family(full: Mapping[str, torch.Tensor], cfg: ModelConfig, family: Family,
               vocab_size: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of another family from full neox weights, one neox tensor at a time."""
     layout = model_layout(cfg)

@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -20,6 +20,9 @@ from megatron_core.tensor_parallel.utils import TensorSplit, shard, unshard
 from neox.convert.names import LazyWeights
 from neox.errors import CheckpointError
 from neox.model.layout import ParamLayout, full_shapes, model_layout
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 
 def shard_for_rank(name: str, full: torch.Tensor, split: TensorSplit | None, tp: int, rank: int) -> torch.Tensor:
@@ -64,7 +67,7 @@ def load_tensors(path: Path) -> Any:
         raise CheckpointError(f"{path}: holds objects other than tensors and plain containers ({err})") from err
 
 
-def _read_shards(tag_dir: Path, cfg: Any) -> list[dict[str, torch.Tensor]]:
+def _read_shards(tag_dir: Path, cfg: ModelConfig) -> list[dict[str, torch.Tensor]]:
     """One {neox name: tensor} dict per TP rank, from either layout."""
     pipe = [(int(m[1]), int(m[2]), f) for f in tag_dir.iterdir() if (m := _PIPE_FILE.search(f.name))]
     if pipe:
@@ -91,7 +94,7 @@ def _read_shards(tag_dir: Path, cfg: Any) -> list[dict[str, torch.Tensor]]:
     return shards
 
 
-def read_full_weights(ckpt_dir: str | Path, cfg: Any) -> LazyWeights:
+def read_full_weights(ckpt_dir: str | Path, cfg: ModelConfig) -> LazyWeights:
     """Full neox weights of a DeepSpeed checkpoint (plain or pipeline files, any TP/PP), unsharded on access.
 
     ``ckpt_dir`` is a ``load`` directory (with ``latest``) or a tag directory. Tensors are memory-mapped,
@@ -125,7 +128,7 @@ def _checked(name: str, t: torch.Tensor, shapes: dict[str, tuple[int | None, ...
     return t.to(dtype) if dtype is not None else t
 
 
-def write_weights(full: Mapping[str, torch.Tensor], cfg: Any, out_dir: str | Path, tp: int, pp: int, *,
+def write_weights(full: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, tp: int, pp: int, *,
                   tag: str = "global_step0", dtype: torch.dtype | None = None, iteration: int = 0,
                   progress: bool = True) -> Path:
     """Write full neox weights as a DeepSpeed checkpoint ``{out_dir}/{tag}`` plus ``{out_dir}/latest``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from neox.data.gpt_dataset import GPTDataset
 from neox.data.indexed_dataset import make_dataset
 from neox.data.samplers import MegatronPretrainingSampler
 from neox.errors import ConfigError, NeoXError
+
+if TYPE_CHECKING:
+    from neox.config.data import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +47,11 @@ def split_num_samples(global_batch_size: int, train_iters: int, eval_interval: i
     return [train, valid, test]
 
 
-def _open(prefix: str, data_cfg: Any) -> Any:
+def _open(prefix: str, data_cfg: DataConfig) -> Any:
     return make_dataset(prefix, data_cfg.data_impl, skip_warmup=not getattr(data_cfg, "mmap_warmup", False))
 
 
-def _blend(name: str, prefixes: Sequence[str], weights: Sequence[float], num_samples: int, *, data_cfg: Any,
+def _blend(name: str, prefixes: Sequence[str], weights: Sequence[float], num_samples: int, *, data_cfg: DataConfig,
            seq_length: int, seed: int, vocab_size: int | None = None) -> Any:
     """One split from weighted whole datasets (train/valid/test_data_paths)."""
     indexed = [_open(p, data_cfg) for p in prefixes]
@@ -65,7 +68,7 @@ def _blend(name: str, prefixes: Sequence[str], weights: Sequence[float], num_sam
     return BlendableDataset(datasets, list(w), num_samples)
 
 
-def build_datasets(data_cfg: Any, *, seq_length: int, seed: int, num_samples: Sequence[int],
+def build_datasets(data_cfg: DataConfig, *, seq_length: int, seed: int, num_samples: Sequence[int],
                    vocab_size: int | None = None) -> list[Any]:
     """[train, valid, test] datasets (``None`` where a split has no data or needs no samples)."""
     out: list[Any] = [None, None, None]
@@ -118,7 +121,7 @@ class _OneLineErrors:
             raise type(err)(last.split(f"{type(err).__name__}: ", 1)[-1]) from None
 
 
-def build_data_iterators(data_cfg: Any, *, seq_length: int, seed: int, micro_batch_size: int,
+def build_data_iterators(data_cfg: DataConfig, *, seq_length: int, seed: int, micro_batch_size: int,
                          global_batch_size: int, dp_rank: int, dp_size: int, train_iters: int,
                          eval_interval: int, eval_iters: int, consumed_train_samples: int = 0,
                          consumed_valid_samples: int = 0, vocab_size: int | None = None) -> DataIterators:

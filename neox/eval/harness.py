@@ -10,9 +10,12 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neox.errors import ConfigError
+
+if TYPE_CHECKING:
+    from neox.config.run import EvalConfig
 
 
 def require_lm_eval() -> None:
@@ -46,7 +49,7 @@ def check_tasks(manager: Any, tasks: list[str]) -> list[str]:
     return list(tasks)
 
 
-def evaluate_tasks(lm: Any, ecfg: Any, manager: Any, *, seed: int = 1234) -> dict[str, Any] | None:
+def evaluate_tasks(lm: Any, ecfg: EvalConfig, manager: Any, *, seed: int = 1234) -> dict[str, Any] | None:
     """The harness's results dict (on data-parallel rank 0; None elsewhere)."""
     from lm_eval.evaluator import simple_evaluate
 
@@ -61,14 +64,14 @@ def evaluate_tasks(lm: Any, ecfg: Any, manager: Any, *, seed: int = 1234) -> dic
     )
 
 
-def results_path(ecfg: Any, log_dir: str | None, stamp: str) -> Path:
+def results_path(ecfg: EvalConfig, log_dir: str | None, stamp: str) -> Path:
     """{eval_results_prefix}_eval_results_<time>.json, or <log_dir or .>/eval_results_<time>.json."""
     if ecfg.eval_results_prefix:
         return Path(f"{ecfg.eval_results_prefix}_eval_results_{stamp}.json")
     return Path(log_dir or ".") / f"eval_results_{stamp}.json"
 
 
-def write_results(results: dict[str, Any], ecfg: Any, log_dir: str | None) -> Path:
+def write_results(results: dict[str, Any], ecfg: EvalConfig, log_dir: str | None) -> Path:
     """The results JSON (samples left out) and, with eval_log_samples, samples_<task>_<time>.jsonl beside it."""
     from lm_eval.utils import handle_non_serializable
 

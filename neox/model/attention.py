@@ -11,7 +11,7 @@ Causal masking is ``is_causal`` on the fast path, never a materialised [s, s] ma
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +23,25 @@ from megatron_core.tensor_parallel.utils import group_world_size
 from neox.model.kv_cache import KVCache
 from neox.model.rotary import apply_rotary
 
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
+
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def num_kv_heads(cfg: Any) -> int:
+def num_kv_heads(cfg: ModelConfig) -> int:
     if cfg.attention_type == "multiquery":
         return 1
     return cfg.num_kv_heads or cfg.num_attention_heads
 
 
-def head_dim(cfg: Any) -> int:
+def head_dim(cfg: ModelConfig) -> int:
     return cfg.hidden_size // cfg.num_attention_heads
 
 
-def layer_backend(cfg: Any, layer: int) -> str:
+def layer_backend(cfg: ModelConfig, layer: int) -> str:
     """Attention kind of ``layer`` from the expanded attention_config (global when empty; validation
     refuses other kinds)."""
     kinds = list(cfg.attention_config or [])
@@ -99,7 +102,7 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 class Attention(nn.Module):
     """[b, s, h] -> [b, s, h]."""
 
-    def __init__(self, cfg: Any, layer: int, prefix: str, init: Any, *, sequence_parallel: bool = False,
+    def __init__(self, cfg: ModelConfig, layer: int, prefix: str, init: Any, *, sequence_parallel: bool = False,
                  group: ProcessGroup | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         h, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, num_kv_heads(cfg)

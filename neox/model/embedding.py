@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from megatron_core.tensor_parallel import (
     scatter_to_sequence_parallel_region,
 )
 from megatron_core.tensor_parallel.utils import group_world_size
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 
 def residual_stream(x: torch.Tensor, fp32_residual: bool) -> torch.Tensor:
@@ -44,7 +47,7 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, split_across_ranks
 class Embedding(nn.Module):
     """input_ids [b, s] -> hidden [b, s, h] (or [b, s / tp, h] with sequence parallelism)."""
 
-    def __init__(self, cfg: Any, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
+    def __init__(self, cfg: ModelConfig, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         h = cfg.hidden_size

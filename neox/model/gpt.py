@@ -8,7 +8,7 @@ the config decides. Works in one process without torch.distributed (tensor paral
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,11 @@ from neox.model.norms import build_norm
 from neox.model.rotary import rotary_cos_sin, rotary_dim
 from neox.model.transformer import TransformerBlock
 
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
-def check_model_config(cfg: Any, model_parallel_size: int = 1) -> None:
+
+def check_model_config(cfg: ModelConfig, model_parallel_size: int = 1) -> None:
     """The config's model rules (``neox.config.validate``), for a ModelConfig built directly, and the
     vocabulary size a model needs and a read config may not know yet (no tokenizer at a dry run)."""
     validate_model(cfg, model_parallel_size)
@@ -43,7 +46,7 @@ def check_model_config(cfg: Any, model_parallel_size: int = 1) -> None:
                           "(it is derived from the tokenizer's vocabulary)")
 
 
-def rotary_for(cfg: Any, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def rotary_for(cfg: ModelConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """fp32 cos/sin [b, s, rotary_dim] for ``position_ids``, or None without rotary embeddings."""
     if cfg.pos_emb != "rotary":
         return None
@@ -60,7 +63,7 @@ def lm_logits(x: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool, gr
     return F.linear(x, weight)
 
 
-def warn_partition_activations(cfg: Any) -> None:
+def warn_partition_activations(cfg: ModelConfig) -> None:
     if cfg.partition_activations:
         warnings.warn(
             "partition_activations is not honoured: checkpointed activations are kept whole on each tensor-parallel rank",
@@ -71,7 +74,7 @@ def warn_partition_activations(cfg: Any) -> None:
 class GPTModel(nn.Module):
     """input_ids [b, s] -> logits [b, s, padded_vocab_size / tp] (this rank's vocabulary slice)."""
 
-    def __init__(self, cfg: Any, *, sequence_parallel: bool = False, seed: int = 1234,
+    def __init__(self, cfg: ModelConfig, *, sequence_parallel: bool = False, seed: int = 1234,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         check_model_config(cfg, group_world_size(None))

@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from neox.errors import ConfigError
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 InitFn = Callable[[torch.Tensor], Any]
 
@@ -54,7 +57,7 @@ def param_seed(seed: int, name: str) -> int:
 class ModelInit:
     """Hands each layer the init function for a named parameter."""
 
-    def __init__(self, cfg: Any, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int) -> None:
         kw = dict(std=cfg.init_method_std, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size)
         self.seed = seed
         self._main = init_method(cfg.init_method, **kw)

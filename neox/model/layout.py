@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from megatron_core.tensor_parallel.utils import TensorSplit, group_world_size
 from neox.model.gpt import GPTModel
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 """Parameters with ``padded_vocab_size`` rows."""
 
 
-def model_layout(cfg: Any) -> dict[str, ParamLayout]:
+def model_layout(cfg: ModelConfig) -> dict[str, ParamLayout]:
     """The layout of GPTModel(cfg), built on the meta device (nothing allocated or initialised).
 
     Built at the tensor-parallel size parallel_state reports (1 outside a job); full shapes and

@@ -6,7 +6,7 @@ Gated weights are fused: ``linear1`` is [gate; up] with each tensor-parallel sha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,17 @@ from torch.distributed import ProcessGroup
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from neox.config.derive import mlp_has_bias, mlp_shape
 
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
+
 _ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
-def is_gated(cfg: Any) -> bool:
+def is_gated(cfg: ModelConfig) -> bool:
     return mlp_shape(cfg).gated
 
 
-def ffn_size(cfg: Any) -> int:
+def ffn_size(cfg: ModelConfig) -> int:
     """Inner size per branch, by the config's one rule (``neox.config.derive.mlp_shape``)."""
     return mlp_shape(cfg).intermediate_size
 
@@ -31,7 +34,7 @@ def ffn_size(cfg: Any) -> int:
 class MLP(nn.Module):
     """[b, s, h] -> [b, s, h]; linear1 column-parallel, linear2 row-parallel."""
 
-    def __init__(self, cfg: Any, prefix: str, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
+    def __init__(self, cfg: ModelConfig, prefix: str, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         shape = mlp_shape(cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,9 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 
 class Norm(nn.Module):
@@ -52,7 +55,7 @@ class Norm(nn.Module):
         return f"{self.kind}, {self.shape[0]}, eps={self.eps}"
 
 
-def build_norm(cfg: Any, **kw: Any) -> Norm:
+def build_norm(cfg: ModelConfig, **kw: Any) -> Norm:
     """The norm of ``cfg.norm`` with its epsilon and ``use_bias_in_norms``."""
     eps = cfg.rms_norm_epsilon if cfg.norm == "rmsnorm" else cfg.layernorm_epsilon
     return Norm(cfg.norm, cfg.hidden_size, eps, bias=cfg.use_bias_in_norms, **kw)

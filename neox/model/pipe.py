@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -31,6 +31,9 @@ from neox.model.init import ModelInit
 from neox.model.loss import lm_loss
 from neox.model.norms import Norm
 from neox.model.transformer import TransformerBlock
+
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
 
 _FIRST_BLOCK = 2
 
@@ -73,7 +76,7 @@ def _checkpoint(fn: Any, *args: Any) -> Any:
     return checkpoint(fn, *args, use_reentrant=False, context_fn=checkpoint_context_fn)
 
 
-def _final_norm_spec(cfg: Any, kw: dict) -> LayerSpec:
+def _final_norm_spec(cfg: ModelConfig, kw: dict) -> LayerSpec:
     eps = cfg.rms_norm_epsilon if cfg.norm == "rmsnorm" else cfg.layernorm_epsilon
     return LayerSpec(FinalNormPipe, cfg.norm, cfg.hidden_size, eps, bias=cfg.use_bias_in_norms, **kw)
 
@@ -81,7 +84,7 @@ def _final_norm_spec(cfg: Any, kw: dict) -> LayerSpec:
 class GPTModelPipe(PipelineModule):
     """The same modules and numerics as GPTModel, as DeepSpeed LayerSpecs."""
 
-    def __init__(self, cfg: Any, *, topology: Any, sequence_parallel: bool = False, seed: int = 1234,
+    def __init__(self, cfg: ModelConfig, *, topology: Any, sequence_parallel: bool = False, seed: int = 1234,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  partition_method: str = "type:transformer|mlp") -> None:
         from megatron_core.tensor_parallel.utils import group_world_size

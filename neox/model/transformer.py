@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from neox.model.kv_cache import KVCache
 from neox.model.mlp import MLP
 from neox.model.norms import build_norm
 
+if TYPE_CHECKING:
+    from neox.config.model import ModelConfig
+
 
 class TransformerBlock(nn.Module):
     """hidden [b, s, h] -> [b, s, h] (s / tp under sequence parallelism).
@@ -23,7 +26,7 @@ class TransformerBlock(nn.Module):
     gpt_j:       x = x + attn(input_norm(x)) + mlp(post_attention_norm(x))   (input_norm twice if gpt_j_tied)
     """
 
-    def __init__(self, cfg: Any, layer: int, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
+    def __init__(self, cfg: ModelConfig, layer: int, init: Any, *, sequence_parallel: bool = False, group: ProcessGroup | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         prefix = f"layers.{layer}."

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from neox.errors import ConfigError
 from neox.tokenizer.base import CharLevelTokenizer, Tokenizer
 
+if TYPE_CHECKING:
+    from neox.config.data import TokenizerConfig
+
 TOKENIZER_TYPES = ("SPMTokenizer", "HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "CharLevelTokenizer")
 
 
-def build_tokenizer(cfg: Any) -> Tokenizer:
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """Build from ``cfg.tokenizer_type``, ``cfg.vocab_file`` and ``cfg.merge_file`` (NeoX names)."""
     kind = cfg.tokenizer_type
     vocab_file = getattr(cfg, "vocab_file", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from neox.training.state import TrainState
+from neox.checkpoint.state import TrainState
 
 __all__ = ["pretrain", "TrainState"]
 

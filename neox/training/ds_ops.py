@@ -16,7 +16,6 @@ import sys
 from typing import TextIO
 
 from neox.errors import ConfigError
-from neox.training.engine import installed_op
 
 # first-build time on 2 CPU cores (DeepSpeed 0.19.8, torch 2.13, g++ 12: 173 s of compiler CPU time over its two
 # sources, built in parallel)
@@ -31,13 +30,13 @@ def is_cached(name: str) -> bool:
     return os.path.isfile(os.path.join(build_dir, f"{name}.so"))
 
 
-def announce_build(name: str, stream: TextIO | None = None, *, key: str = "optimizer.type") -> bool:
+def announce_build(name: str, stream: TextIO | None = None, *, prebuilt: bool, key: str = "optimizer.type") -> bool:
     """Print the one line when loading DeepSpeed's ``name`` op will compile it; True if it will.
 
-    Only the first rank on each node prints: the other ranks wait for the same build (DeepSpeed locks it).
+    ``prebuilt``: DeepSpeed was installed with the op (``engine.installed_op``). Only the first rank on each node prints: the other ranks wait for the same build (DeepSpeed locks it).
     Without a compiler or ninja the build would fail in a traceback: a one-line ConfigError naming ``key``.
     """
-    if installed_op(name) or is_cached(name):
+    if prebuilt or is_cached(name):
         return False
     missing = [tool for tool in (os.environ.get("CXX", "c++"), "ninja") if shutil.which(tool) is None]
     if missing:

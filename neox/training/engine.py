@@ -11,8 +11,9 @@ Pipeline or not is decided here once: :func:`uses_pipeline` for the config (whic
 
 Written against DeepSpeed 0.19.8 (pyproject pins ``deepspeed>=0.19.8,<0.20``): the private
 attributes used below (``checkpoint_engine.save``, ``_config.load_universal_checkpoint``,
-``enable_backward_allreduce``, the optimizer's loss-scale fields, the CPU accelerator's op
-builders and the shared-memory buffer name) are those of that release.
+``enable_backward_allreduce``, the optimizer's loss-scale fields, the pipeline engine's
+``_take_model_step``, the CPU accelerator's op builders and the shared-memory buffer name) are those
+of that release.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -142,7 +143,7 @@ def deepspeed_adam(groups: list[dict[str, Any]], *, cpu: bool, lr: float, betas:
 
         from neox.training.ds_ops import announce_build
 
-        announce_build("cpu_adam")  # the one line before DeepSpeed JIT-compiles it (if it must)
+        announce_build("cpu_adam", prebuilt=installed_op("cpu_adam"))  # the one line before DeepSpeed JIT-compiles it (if it must)
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     from deepspeed.ops.adam import FusedAdam
 
@@ -248,6 +249,32 @@ class Engine:
 
     def get_lr(self) -> list[float]:
         return self._ds.get_lr()
+
+    def before_pipeline_step(self, hook: Callable[[], None] | None) -> None:
+        """Call ``hook`` inside every ``train_batch`` right before the optimizer step (None: stop).
+
+        The pipeline engine's schedule ends with ReduceTiedGrads, ReduceGrads, OptimizerStep; its
+        OptimizerStep calls ``_take_model_step``, which clips and steps. Wrapping that on this instance
+        puts the hook where the plain step's ``backward`` has returned at the accumulation boundary: the
+        gradients summed over the micro-batches, reduced over data-parallel ranks (and tied weights over
+        stages), not yet clipped, and still multiplied by fp16's loss scale. A torch step pre-hook on
+        our optimizer would run too late: inside DeepSpeed's fp16 / ZeRO wrappers, after unscaling and
+        clipping, on flat partitions.
+        """
+        if not self.is_pipeline:
+            raise ValueError("before_pipeline_step: a plain engine's step is neox's own (train_step captures there)")
+        ds = self._ds
+        if "_take_model_step" in vars(ds):
+            del ds._take_model_step  # drop an earlier hook: one at a time
+        if hook is None:
+            return
+        original = ds._take_model_step  # the class's bound method
+
+        def take_model_step(*args: Any, **kwargs: Any) -> Any:
+            hook()
+            return original(*args, **kwargs)
+
+        ds._take_model_step = take_model_step  # an instance attribute shadowing the method
 
     def skip_gradient_allreduce(self) -> None:
         """Stop DeepSpeed all-reducing gradients after backward (one rank, or an optimizer that reduces itself)."""

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from neox.checkpoint.state import TrainState
 from neox.config import NeoXArgs
 from neox.errors import NeoXError
-from neox.logging import MetricsLogger, max_memory_gib
+from neox.metrics import MetricsLogger, max_memory_gib
 from neox.training import flops
 from neox.training.engine import Engine
 from neox.training.eval import evaluate
@@ -21,7 +22,6 @@ from neox.training.fast_path import FirstStepTimer
 from neox.training.norms import GradNorms, norm_fields
 from neox.training.preemption import StopRequests
 from neox.training.profiler import IterationProfiler
-from neox.training.state import TrainState
 from neox.training.step import LaunchedStep, StepResult, pipe_batches, train_step, train_step_pipe
 
 
@@ -196,8 +196,11 @@ def train(ctx: TrainContext, state: TrainState, train_iter: Iterator, valid_iter
     source = pipe_batches(train_iter, ctx.eod, args.data.eod_mask_loss) if ctx.is_pipe else train_iter
     win, nan_run, last_saved = _Window(), 0, None
     lg = args.logging
-    if lg.log_grad_norm and not ctx.is_pipe:  # validation refuses it with the pipeline engine
+    if lg.log_grad_norm:
         ctx.grad_norms = GradNorms(ctx.engine.loss_scale)
+        if ctx.is_pipe:  # train_batch runs backward and the step in one call: capture inside it
+            grads, engine = ctx.grad_norms, ctx.engine
+            engine.before_pipeline_step(lambda: grads.capture(engine.module, engine.optimizer))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     profiler = IterationProfiler(lg.profile, lg.profile_step_start, lg.profile_step_stop, lg.log_dir, rank)
     launched, pending = state.iteration, None

@@ -75,14 +75,16 @@ def param_norms(module: nn.Module) -> dict[str, float]:
 class GradNorms:
     """Captures per-parameter gradient norms after the last backward of a step, before the optimizer
     (DeepSpeed's ``safe_get_full_grad``: the reduced gradient under every ZeRO stage; neox's
-    MasterWeightAdamW: its own gradients), unscaled by fp16's loss scale. The norms stay on the device
-    until ``read`` (at a logged iteration)."""
+    MasterWeightAdamW: its own gradients), unscaled by fp16's loss scale. The plain step calls
+    ``capture`` itself; on the pipeline engine ``Engine.before_pipeline_step`` calls it inside
+    ``train_batch``. The norms stay on the device until ``read`` (at a logged iteration)."""
 
     def __init__(self, loss_scale: Callable[[], float]) -> None:
         self.loss_scale = loss_scale
         self._names: list[str] = []
         self._sq: list[torch.Tensor] = []
         self._split: list[bool] = []
+        self._scale = 1.0
 
     def capture(self, module: nn.Module, optimizer: Any = None) -> None:
         # neox's MasterWeightAdamW keeps the step's gradients (fp32 sums when accumulating) itself
@@ -97,9 +99,11 @@ class GradNorms:
             sq.append(g.detach().float().pow(2).sum())
             split.append(bool(getattr(p, "tensor_model_parallel", False)))
         self._names, self._sq, self._split = names, sq, split
+        # the scale these gradients carry: the step after capture may change it (an overflow halves it)
+        self._scale = self.loss_scale() or 1.0
 
     def read(self) -> dict[str, float]:
-        scale = self.loss_scale() or 1.0
+        scale = self._scale
         return {k: v / scale for k, v in _full_sq(self._names, self._sq, self._split).items()}
 
 

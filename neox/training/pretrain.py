@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
+from neox.checkpoint.state import TrainState
 from neox.config import NeoXArgs
 from neox.config.run import inference_load_dir
-from neox.logging import MetricsLogger
+from neox.metrics import MetricsLogger
 from neox.training import engine as boundary
 from neox.training import flops
 from neox.training.engine import Engine
@@ -27,7 +28,6 @@ from neox.training.loop import TrainContext, train
 from neox.training.lr_schedule import AnnealingLR, resolve_schedule
 from neox.training.optim import base_lr, build_optimizer
 from neox.training.preemption import StopRequests
-from neox.training.state import TrainState
 
 
 @dataclass
@@ -285,6 +285,8 @@ def _eval_tasks_fn(args: NeoXArgs, engine: Any, tokenizer: Any, logger: MetricsL
 
 def pretrain(args: NeoXArgs) -> TrainResult:
     """Train the model ``args`` describes; every rank calls this (train.py, or a test's spawned rank)."""
+    from neox.checkpoint.rng import get_rng_state, set_rng_state
+
     args, device, tokenizer = _prepare(args)
     from neox.model.loss import lm_loss
     from neox.training.fast_path import resolve_on_rank
@@ -302,6 +304,9 @@ def pretrain(args: NeoXArgs) -> TrainResult:
               flush=True)
     args = resumed
     state = _load(engine, args, validation_fn)
+    # Training starts from these streams (the checkpoint's, on resume): what the setup below draws, such as
+    # each DataLoader iterator's base seed from torch's generator, must not shift the first step's dropout.
+    start_rng = get_rng_state()
     iters = _iterators(args, state)
     rank0 = dist.get_rank() == 0
     logger = MetricsLogger(args.logging, train_iters=args.training.train_iters,
@@ -322,6 +327,7 @@ def pretrain(args: NeoXArgs) -> TrainResult:
         upload_missing(engine, args.checkpoint)  # what a killed run left un-uploaded
         start_iter, start_tokens, start = state.iteration, state.consumed_tokens, time.perf_counter()
         try:
+            set_rng_state(start_rng)
             reason = train(ctx, state, iters.train, iters.valid, iters.test)
         finally:
             stop.uninstall()

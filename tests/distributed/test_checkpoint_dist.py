@@ -18,8 +18,8 @@ import torch
 
 from neox.checkpoint import load_checkpoint, save_checkpoint
 from neox.checkpoint import manifest as mf
+from neox.checkpoint.state import TrainState
 from neox.config.run import CheckpointConfig
-from neox.training.state import TrainState
 from tests.distributed.launch import free_port, run_distributed
 from tests.unit.test_checkpoint import ToyArgs, init_single_rank, seed_all, toy_engine, toy_run
 

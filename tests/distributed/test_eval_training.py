@@ -85,6 +85,7 @@ def test_training_losses_unchanged_by_eval_tasks(group):
     assert group["on"] == group["off"]  # bit for bit: RNG streams and train mode restored
     # a resume continues as it does without eval_tasks (the checkpoint's RNG state is not the tasks')
     assert len(group["resumed"]) == STEPS - 3 and group["resumed"] == group["resumed_off"]
+    assert group["resumed"] == group["off"][3:]  # and as the uninterrupted run did (dropout: RNG restored)
 
 
 def test_eval_tasks_logged_at_interval_and_end(group):

@@ -1,7 +1,9 @@
 """Full-training resume through pretrain(): N iterations uninterrupted == N/2, save, resume to N.
 
 fp32 on CPU, so the comparison is exact on the same layout: 1 rank (with the forward-pass
-validation of the checkpoint on), 2 ranks with ZeRO-1 DP 2, and 2 ranks with pipeline parallel 2.
+validation of the checkpoint on), 2 ranks with ZeRO-1 DP 2, and 2 ranks with pipeline parallel 2;
+with dropout on too (hidden and attention 0.1) on 1 rank and at tensor parallel 2, whose attention
+dropout draws from the tracker's per-rank stream, so the restored RNG streams must be exactly the saved ones.
 Also: a 1-rank checkpoint resumed at data-parallel size 2, and a ZeRO-1 DP-2 checkpoint resumed at
 DP 1, continue as the uninterrupted run did (within the DP-parity tolerance of test_train_parity),
 and ``finetune`` restarts at iteration 0 from the trained weights.
@@ -19,6 +21,7 @@ from tests.distributed.launch import run_distributed
 from tests.distributed.test_train_parity import _guarded, make_corpus, run_pretrain, tiny_flat
 
 HALF, FULL = 3, 6
+DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
 
 
 def _resume(prefix: str, ckpt: str, world: int, **over: Any) -> dict[str, Any]:
@@ -33,7 +36,9 @@ def _resume(prefix: str, ckpt: str, world: int, **over: Any) -> dict[str, Any]:
 
 def _one_rank(rank: int, world: int, prefix: str, tmp: str) -> dict[str, Any]:
     out = {"fp32": _guarded(lambda: _resume(prefix, f"{tmp}/r1", world,
-                                            checkpoint_validation_with_forward_pass=True))}
+                                            checkpoint_validation_with_forward_pass=True)),
+           # eval_interval HALF: the checkpoint's iteration is evaluated too, after the save
+           "dropout": _guarded(lambda: _resume(prefix, f"{tmp}/drop", world, eval_interval=HALF, **DROPOUT))}
     shutil.copytree(f"{tmp}/r1/global_step{HALF}", f"{tmp}/r1_half/global_step{HALF}")
     with open(f"{tmp}/r1_half/latest", "w") as f:
         f.write(f"global_step{HALF}")
@@ -50,7 +55,8 @@ def _two_ranks(rank: int, world: int, prefix: str, tmp: str) -> dict[str, Any]:
     zero1 = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 2}
     pp2 = {"pipe_parallel_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}
     out = {"zero1": _guarded(lambda: _resume(prefix, f"{tmp}/z1", world, **zero1)),
-           "pp2": _guarded(lambda: _resume(prefix, f"{tmp}/pp2", world, **pp2))}
+           "pp2": _guarded(lambda: _resume(prefix, f"{tmp}/pp2", world, **pp2)),
+           "tp2_dropout": _guarded(lambda: _resume(prefix, f"{tmp}/tp2d", world, model_parallel_size=2, **DROPOUT))}
     dp2 = tiny_flat(prefix, train_iters=FULL, load=f"{tmp}/r1_half", save=f"{tmp}/dp2",
                     train_micro_batch_size_per_gpu=2)
     out["dp_change"] = _guarded(lambda: run_pretrain(dp2, world).losses)
@@ -78,13 +84,22 @@ def _ok(value: Any) -> Any:
     return value
 
 
-@pytest.mark.parametrize("group,name", [("one", "fp32"), ("two", "zero1"), ("two", "pp2")])
+@pytest.mark.parametrize("group,name", [("one", "fp32"), ("two", "zero1"), ("two", "pp2"), ("one", "dropout"),
+                                        ("two", "tp2_dropout")])
 def test_resume_is_exact(runs, group, name):
     r = _ok(runs[group][name])
     assert r["first_iter"] == HALF and len(r["first"]) == HALF and len(r["second"]) == FULL - HALF
     assert r["first"] + r["second"] == r["ref"]  # bitwise: fp32 on CPU
     assert r["second_state"]["iteration"] == FULL
     assert r["second_state"]["consumed_train_samples"] == FULL * 4
+
+
+def test_dropout_is_on(runs):
+    """The dropout runs draw masks: their losses are not the dropout-free run's (else the case proves nothing)."""
+    plain = _ok(runs["one"]["fp32"])["ref"]
+    for group, name in [("one", "dropout"), ("two", "tp2_dropout")]:
+        ref = _ok(runs[group][name])["ref"]
+        assert all(x != y for x, y in zip(ref, plain)), name
 
 
 def test_layouts_on_disk(runs):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from neox.checkpoint import load_checkpoint, save_checkpoint
+from neox.checkpoint.state import TrainState
 from neox.errors import CheckpointError
-from neox.training.state import TrainState
 from tests.unit.test_checkpoint import _args, init_single_rank, toy_engine, toy_run
 
 
@@ -169,8 +169,8 @@ def test_read_only_save_directory(tmp_path):
 
 def test_full_log_disk_warns_once_and_training_goes_on(tmp_path, capsys):
     from neox.config import LoggingConfig
-    from neox.logging import MetricsLogger
-    from tests.unit.test_logging import _rec
+    from neox.metrics import MetricsLogger
+    from tests.unit.test_metrics import _rec
 
     mnt = tmp_path / "log_fs"
     if not _mount_tmpfs(mnt, "16k"):

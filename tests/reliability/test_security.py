@@ -20,8 +20,8 @@ import torch
 from neox.checkpoint import load_checkpoint, save_checkpoint
 from neox.checkpoint import manifest as mf
 from neox.checkpoint.rng import load_rng_state, save_rng_state
+from neox.checkpoint.state import TrainState
 from neox.errors import CheckpointError
-from neox.training.state import TrainState
 from tests.unit.test_checkpoint import _args, init_single_rank, toy_engine, toy_run
 
 ROOT = Path(__file__).resolve().parents[2]

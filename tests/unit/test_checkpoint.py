@@ -19,9 +19,9 @@ import torch
 
 from neox.checkpoint import load_checkpoint, local, save_checkpoint
 from neox.checkpoint import manifest as mf
+from neox.checkpoint.state import TrainState
 from neox.config.run import CheckpointConfig
 from neox.errors import CheckpointError
-from neox.training.state import TrainState
 
 # ---- toy run (also used by tests/distributed/test_checkpoint*.py) ----------------------------
 

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from neox.checkpoint import load_checkpoint, save_checkpoint
+from neox.checkpoint.state import TrainState
 from neox.config.run import CheckpointConfig
 from neox.errors import CheckpointError
-from neox.training.state import TrainState
 from tests.unit.test_checkpoint import ToyArgs, init_single_rank, toy_engine, toy_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

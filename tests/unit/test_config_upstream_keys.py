@@ -14,7 +14,7 @@ import yaml
 
 from neox.config import LoggingConfig, NeoXArgs, compat, keys
 from neox.errors import ConfigError
-from neox.logging import MetricsLogger
+from neox.metrics import MetricsLogger
 from neox.training import flops
 
 UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "upstream_neox" / "neox_args_defaults.yml"
@@ -108,7 +108,7 @@ def test_wandb_run_name_names_the_run(tmp_path, monkeypatch):
 
 def test_use_wandb_null_logs_when_a_key_is_found(tmp_path, monkeypatch):
     """GPT-NeoX's default use_wandb is null: on when a W&B key is found."""
-    from neox.logging import wants_wandb
+    from neox.metrics import wants_wandb
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("NETRC", raising=False)

@@ -19,7 +19,7 @@ IMPORTS_ALLOWED = {BOUNDARY, "neox/model/pipe.py"}
 # attributes of DeepSpeed engines and optimizers outside their public training API
 ENGINE_INTERNALS = {"checkpoint_engine", "_config", "enable_backward_allreduce", "num_stages", "mp_world_size",
                     "dp_world_size", "seq_dp_world_size", "grid", "loss_scale_config", "cur_scale",
-                    "global_samples", "skipped_steps", "_ds"}
+                    "global_samples", "skipped_steps", "_ds", "_take_model_step"}
 STRINGS = ("/dev/shm", "deepspeed_allreduce_buffer", "ds_to_universal")
 # DeepSpeed's names that torch-free code needs too (the launcher) live in the config-dict module
 STRINGS_ALLOWED = {BOUNDARY, "neox/config/deepspeed.py"}
@@ -144,3 +144,39 @@ def test_pipeline_decided_from_the_config():
     from neox.training.engine import uses_pipeline
 
     assert [uses_pipeline(ParallelConfig(pipe_parallel_size=n)) for n in (0, 1, 2)] == [False, True, True]
+
+
+def test_pipeline_step_hook_sees_the_accumulated_gradients_before_clipping(_one_rank):
+    """Engine.before_pipeline_step runs inside train_batch right before the optimizer step: the hook sees the
+    micro-batches' mean gradient (reference: plain autograd on a copy of the model), not yet clipped, and
+    the update still follows; None removes the hook; a plain engine refuses it."""
+    from deepspeed.pipe import PipelineModule
+
+    from neox.training.engine import initialize
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)]
+    ref = torch.nn.Sequential(*[torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)])
+    ref.load_state_dict(torch.nn.Sequential(*layers).state_dict())
+    model = PipelineModule(layers=layers, num_stages=1, loss_fn=lambda out, y: (out - y).pow(2).mean())
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
+           "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "gradient_clipping": 1e-3}
+    engine = initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 4, generator=g), torch.randn(2, 1, generator=g)) for _ in range(2)]
+    for x, y in batches:
+        ((ref(x) - y).pow(2).mean() / 2).backward()
+    seen: list[list[torch.Tensor]] = []
+    engine.before_pipeline_step(lambda: seen.append([p.grad.clone() for p in model.parameters()]))
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.train_batch(iter(batches))
+    assert len(seen) == 1
+    for got, want in zip(seen[0], ref.parameters()):
+        torch.testing.assert_close(got, want.grad, rtol=1e-5, atol=1e-7)
+    assert torch.linalg.vector_norm(torch.cat([t.flatten() for t in seen[0]])) > 1e-2  # unclipped (clip: 1e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step still ran
+    engine.before_pipeline_step(None)
+    engine.train_batch(iter(batches))
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="plain engine"):
+        initialize(*_toy(0)[:2], _toy(0)[2]).before_pipeline_step(lambda: None)

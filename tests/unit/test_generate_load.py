@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests.distributed.launch import free_port
-from tests.unit.test_convert_meta import ROOT, make_meta_checkpoint, reference_llama, tool
+from tests.unit.test_convert_meta import ROOT, make_meta_checkpoint, tool
+from tests.unit.test_generation_cli import assert_greedy_like_transformers
 
 # the model of tests/unit/test_convert_meta.py's Meta checkpoint, as a training config: save, no load
 TRAINING = """{
@@ -70,20 +70,7 @@ def test_generate_with_load_unset_reads_the_latest_checkpoint_under_save(tmp_pat
     recs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["context"] for r in recs] == prompts
 
-    from neox.tokenizer.build import build_tokenizer
-
-    class Tok:
-        tokenizer_type, vocab_file, merge_file = "SPMTokenizer", str(tmp_path / "spm.model"), None
-
-    tok = build_tokenizer(Tok())
-    ref = reference_llama(tmp_path / "meta")
-    for rec in recs:
-        ids = tok.tokenize(rec["context"])
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=tok.eod,
-                               pad_token_id=tok.eod, suppress_tokens=list(range(tok.vocab_size, 128)))
-        new = out[0, len(ids):].tolist()
-        assert rec["text"] == tok.detokenize(new[: new.index(tok.eod)] if tok.eod in new else new)
+    assert_greedy_like_transformers(recs, tmp_path, max_new_tokens=6)
 
 
 BAD = [

@@ -49,22 +49,7 @@ def test_meta_to_deepy_generate_tp2_matches_transformers(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["context"] for r in recs] == prompts
 
-    from neox.tokenizer.build import build_tokenizer
-
-    class Tok:
-        tokenizer_type, vocab_file, merge_file = "SPMTokenizer", str(tmp_path / "spm.model"), None
-
-    tok = build_tokenizer(Tok())
-    ref = reference_llama(tmp_path / "meta")
-    for rec in recs:
-        ids = tok.tokenize(rec["context"])
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=tok.eod,
-                               pad_token_id=tok.eod,  # generate.py never picks padding rows
-                               suppress_tokens=list(range(tok.vocab_size, 128)))
-        new = out[0, len(ids):].tolist()
-        new = new[: new.index(tok.eod)] if tok.eod in new else new
-        assert rec["text"] == tok.detokenize(new)
+    tok, ref = assert_greedy_like_transformers(recs, tmp_path, max_new_tokens=8)
 
     hf = tmp_path / "hf"
     assert tool("convert_neox_to_hf").main(["--input_dir", str(tmp_path / "ckpt"), "--config_file", str(conf),
@@ -77,3 +62,24 @@ def test_meta_to_deepy_generate_tp2_matches_transformers(tmp_path):
     with torch.no_grad():
         assert (model(ids).logits - ref(ids).logits[..., : tok.vocab_size]).abs().max().item() < 1e-5
     assert (hf / "tokenizer.model").is_file()
+
+
+def assert_greedy_like_transformers(recs: list[dict], tmp_path, *, max_new_tokens: int):
+    """Each generate.py record's text is transformers' greedy continuation of its context (the reference
+    Llama of tmp_path/meta, the SentencePiece model tmp_path/spm.model); returns (tokenizer, reference)."""
+    from neox.tokenizer.build import build_tokenizer
+
+    class Tok:
+        tokenizer_type, vocab_file, merge_file = "SPMTokenizer", str(tmp_path / "spm.model"), None
+
+    tok = build_tokenizer(Tok())
+    ref = reference_llama(tmp_path / "meta")
+    for rec in recs:
+        ids = tok.tokenize(rec["context"])
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=tok.eod, pad_token_id=tok.eod,  # generate.py never picks padding rows
+                               suppress_tokens=list(range(tok.vocab_size, 128)))
+        new = out[0, len(ids):].tolist()
+        assert rec["text"] == tok.detokenize(new[: new.index(tok.eod)] if tok.eod in new else new)
+    return tok, ref

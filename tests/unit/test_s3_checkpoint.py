@@ -22,8 +22,8 @@ import torch
 from neox.checkpoint import load_checkpoint, save_checkpoint, wait_for_uploads
 from neox.checkpoint import manifest as mf
 from neox.checkpoint.s3 import S3Settings, S3Uploader, download_latest
+from neox.checkpoint.state import TrainState
 from neox.config.run import CheckpointConfig
-from neox.training.state import TrainState
 from tests.unit.test_checkpoint import ToyArgs, init_single_rank, seed_all, toy_engine, toy_run
 
 SECRET = "neoxSECRETdummy0123456789"

@@ -113,7 +113,8 @@ def test_restart_completes_an_upload_a_killed_run_left_half_done(tmp_path, corpu
     init_single_rank()
     client, bucket = s3
     save = tmp_path / "save"
-    common = dict(checkpoint_factor=2, save=str(save), eval_iters=0)
+    # one LR schedule for both runs (decay over 6), so the restart resumes it unchanged
+    common = dict(checkpoint_factor=2, save=str(save), eval_iters=0, lr_decay_iters=6)
     run_pretrain(tiny_flat(corpus, train_iters=4, **common), 1)
     assert [t for _, t in local.list_tags(str(save))] == ["global_step2", "global_step4"]
     for rel in mf.list_files(str(save / "global_step2")) + [mf.MANIFEST_NAME]:

@@ -6,12 +6,12 @@ import signal
 import pytest
 import torch
 
+from neox.checkpoint.state import TrainState
 from neox.config import CheckpointConfig, LoggingConfig, NeoXArgs, TrainingConfig
-from neox.logging import MetricsLogger
+from neox.metrics import MetricsLogger
 from neox.training.loop import TrainContext, TrainingDivergedError, _account, should_save
 from neox.training.optim import param_groups
 from neox.training.preemption import StopRequests
-from neox.training.state import TrainState
 from neox.training.step import StepResult, get_batch
 
 
