@@ -19,7 +19,9 @@ besides torch, transformers and neox's own dependencies, lm_eval and accelerate 
 psutil for accelerate; jinja2 comes with torch. Wheels (``pip download --no-deps lm_eval==0.4.13
 accelerate==1.15.0 psutil==7.2.2``): lm_eval-0.4.13-py3-none-any.whl, accelerate-1.15.0-py3-none-any.whl,
 psutil-7.2.2-cp36-abi3-manylinux2010_x86_64.manylinux_2_12_x86_64.manylinux_2_28_x86_64.whl, installed
-with ``pip install --no-deps``. ``--tiny`` runs a 2-layer model on the CPU to check the script.
+with ``pip install --no-deps``. ``--tiny`` runs a 2-layer model on the CPU to check the script; ``--cpu``
+a 4-layer hidden-256 fp32 model on the CPU (indicative figures for a change made without a GPU:
+``python bench/eval_throughput.py --cpu --mc 64 --gen 32 --max-gen-toks 32 --batch-size 16 --repeat 3``).
 Writes ``$OUT/eval_throughput.json`` and ``$OUT/eval_throughput.log``.
 """
 
@@ -51,6 +53,10 @@ SHAPE = {
     "model_parallel_size": 1, "precision": "bfloat16",
 }
 TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 224}
+# --cpu: a model small enough for a CPU to time in about a minute (indicative only: a GPU is launch-bound
+# where a CPU is compute-bound), in fp32, as the CPU reference tests run
+CPU = {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "num_kv_heads": 4, "intermediate_size": 704,
+       "precision": "fp32"}
 NEVER = "<<never-stops>>"
 WORDS = ("one two three four five six seven eight nine ten plus minus times equals sum product number answer "
          "the of and is what question total more less than").split()
@@ -101,9 +107,11 @@ def requests(path: Path, n_mc: int, n_gen: int, max_gen: int) -> tuple[list[Any]
     return ll, gen
 
 
-def make_weights(work: Path, cfg: Any, tok_cfg: Any, device: str) -> tuple[Path, Path]:
-    """Random TinyLlama-shape weights -> HF folder -> neox checkpoint -> HF export (bf16 throughout)."""
+def make_weights(work: Path, cfg: Any, tok_cfg: Any, device: str, fp32: bool = False) -> tuple[Path, Path]:
+    """Random TinyLlama-shape weights -> HF folder -> neox checkpoint -> HF export (bf16 unless ``fp32``)."""
     import torch
+
+    dtype = torch.float32 if fp32 else torch.bfloat16
     from transformers import LlamaConfig, LlamaForCausalLM
 
     conf = LlamaConfig(vocab_size=VOCAB, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -112,12 +120,12 @@ def make_weights(work: Path, cfg: Any, tok_cfg: Any, device: str) -> tuple[Path,
                        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(conf).to(torch.bfloat16)
+        model = LlamaForCausalLM(conf).to(dtype)
     model.save_pretrained(work / "hf_src")
     del model
-    tool("convert_hf_to_neox").convert(work / "hf_src", cfg, work / "ckpt", 1, dtype=torch.bfloat16, progress=False)
+    tool("convert_hf_to_neox").convert(work / "hf_src", cfg, work / "ckpt", 1, dtype=dtype, progress=False)
     shutil.rmtree(work / "hf_src")
-    tool("convert_neox_to_hf").convert(work / "ckpt", cfg, work / "hf", precision="bf16", vocab_size=VOCAB,
+    tool("convert_neox_to_hf").convert(work / "ckpt", cfg, work / "hf", precision="fp32" if fp32 else "bf16", vocab_size=VOCAB,
                                        tokenizer=tok_cfg)
     return work / "ckpt", work / "hf"
 
@@ -139,19 +147,24 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(lm: Any, method: str, reqs: list[Any]) -> tuple[float, list[Any]]:
+def timed(lm: Any, method: str, reqs: list[Any], repeat: int = 1) -> tuple[float, list[Any]]:
+    """Seconds of the fastest of ``repeat`` calls (a shared CPU's load comes and goes), and its answers."""
     getattr(lm, method)(reqs[: min(len(reqs), 4)], disable_tqdm=True)  # warm-up: kernels, allocator
-    _sync()
-    t = time.perf_counter()
-    out = getattr(lm, method)(reqs, disable_tqdm=True)
-    _sync()
-    return time.perf_counter() - t, out
+    best = float("inf")
+    for _ in range(repeat):
+        _sync()
+        t = time.perf_counter()
+        out = getattr(lm, method)(reqs, disable_tqdm=True)
+        _sync()
+        best = min(best, time.perf_counter() - t)
+    return best, out
 
 
-def measure(name: str, lm: Any, ll: list[Any], gen: list[Any], count_tokens: Any, fh: Any) -> dict[str, Any]:
+def measure(name: str, lm: Any, ll: list[Any], gen: list[Any], count_tokens: Any, fh: Any,
+            repeat: int = 1) -> dict[str, Any]:
     ctx_tokens = sum(len(count_tokens(r.args[0] + r.args[1])) for r in ll)
-    ll_s, ll_out = timed(lm, "loglikelihood", ll)
-    gen_s, gen_out = timed(lm, "generate_until", gen)
+    ll_s, ll_out = timed(lm, "loglikelihood", ll, repeat)
+    gen_s, gen_out = timed(lm, "generate_until", gen, repeat)
     gen_tokens = sum(len(count_tokens(t)) for t in gen_out)
     rec = {"backend": name, "batch_size": lm.batch_size, "ll_requests": len(ll), "ll_seconds": ll_s,
            "ll_requests_per_s": len(ll) / ll_s, "ll_tokens_per_s": ctx_tokens / ll_s,
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unbatched-mc", type=int, default=64, help="questions the batch-size-1 run scores")
     p.add_argument("--unbatched-gen", type=int, default=8, help="generations the batch-size-1 run decodes")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the script, no figures")
+    p.add_argument("--cpu", action="store_true", help="a 4-layer hidden-256 fp32 model on the CPU: indicative figures")
+    p.add_argument("--repeat", type=int, default=1, help="time each call this many times, keep the fastest")
     a = p.parse_args(argv)
     check_imports()
     import torch
@@ -197,16 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     fh = open(out / "eval_throughput.log", "w", encoding="utf-8")
     work = Path(tempfile.mkdtemp(prefix="neox_eval_bench_"))
     try:
-        shape = {**SHAPE, **(TINY if a.tiny else {})}
-        device = "cpu" if a.tiny else "cuda"
+        shape = {**SHAPE, **(TINY if a.tiny else CPU if a.cpu else {})}
+        device = "cpu" if a.tiny or a.cpu else "cuda"
+        dtype = torch.float32 if a.cpu else torch.bfloat16
         args = NeoXArgs.from_flat(shape, world_size=1)
         t0 = time.perf_counter()
-        ckpt, hf_dir = make_weights(work, args.model, args.tokenizer, device)
+        ckpt, hf_dir = make_weights(work, args.model, args.tokenizer, device, fp32=a.cpu)
         log(f"weights: {time.perf_counter() - t0:.1f} s (HF random init -> neox checkpoint -> HF export)", fh)
         synthetic_jsonl(work / "bench.jsonl", a.mc, a.gen, a.ctx_words)
         ll, gen = requests(work / "bench.jsonl", a.mc, a.gen, a.max_gen_toks)
         tokenizer = build_tokenizer(args.tokenizer)
-        model = GPTModel(args.model, device=device, dtype=torch.bfloat16).eval()
+        model = GPTModel(args.model, device=device, dtype=dtype).eval()
         load_weights(model, str(ckpt), args.model)
 
         def count(text: str) -> list[int]:
@@ -215,16 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         log(f"device {name}, torch {torch.__version__}; {len(ll)} loglikelihood and "
             f"{len(gen)} generate_until requests, max_gen_toks {a.max_gen_toks}", fh)
-        recs = [measure("neox batched", NeoXLM(model, tokenizer, batch_size=a.batch_size), ll, gen, count, fh)]
+        recs = [measure("neox batched", NeoXLM(model, tokenizer, batch_size=a.batch_size), ll, gen, count, fh,
+                    a.repeat)]
         recs.append(measure("neox unbatched", NeoXLM(model, tokenizer, batch_size=1), ll[: 4 * a.unbatched_mc],
-                            gen[: a.unbatched_gen], count, fh))
+                            gen[: a.unbatched_gen], count, fh, a.repeat))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
         from lm_eval.models.huggingface import HFLM
 
-        hf = HFLM(pretrained=str(hf_dir), dtype="bfloat16", device=device, batch_size=a.batch_size)
-        recs.append(measure("lm_eval hf backend", hf, ll, gen, count, fh))
+        hf = HFLM(pretrained=str(hf_dir), dtype="float32" if a.cpu else "bfloat16", device=device, batch_size=a.batch_size)
+        recs.append(measure("lm_eval hf backend", hf, ll, gen, count, fh, a.repeat))
         close = [compare(recs[0], recs[2]), compare(recs[0], recs[1])]
         for c in close:
             log(f"{c['pair']}: loglikelihood max |diff| {c['ll_max_abs_diff']:.4f}, mean {c['ll_mean_abs_diff']:.4f}; "

@@ -103,11 +103,14 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: list[int], params: Sampl
     out: list[int] = []
     for step in range(budget):
         token = _agree(sample_next(_full_vocab_last(logits), params, generator).reshape(1))
-        out.append(int(token.item()))
-        if token.item() == params.eod or step == budget - 1:
+        out.append(int(token.item()))  # the one host sync a step
+        if out[-1] == params.eod or step == budget - 1:
             break
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        logits = model(token.view(1, 1), kv_cache=cache) if cache is not None else model(ids)
+        if cache is not None:
+            logits = model(token.view(1, 1), kv_cache=cache)
+        else:
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            logits = model(ids)
     return out
 
 

@@ -30,6 +30,7 @@ from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from neox.generation import SamplingParams, max_context, sample_next
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF backend default
+STOP_CHECK_EVERY = 16  # greedy decoding steps between reads of the new tokens (stop sequences, EOD)
 
 
 def _tp_size() -> int:
@@ -139,22 +140,21 @@ class NeoXLM(TemplateLM):
         re_ord = Collator(requests, sort_fn=collate, group_by="contexts", group_fn=lambda r: r[-2] + r[-1][:-1])
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
         for chunk in re_ord.get_batched(n=override_bs or self.batch_size):
-            for (request_str, ctx_toks, _), cont_toks, logprobs in zip(chunk, *self._score_chunk(chunk), strict=True):
-                greedy = logprobs.argmax(dim=-1).unsqueeze(0)  # [1, contlen]
-                for req_str, cont, lp in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_toks, cont_toks=cont_toks,
-                                                         logits=logprobs.unsqueeze(0)):
-                    cont_t = torch.tensor(cont, dtype=torch.long, device=lp.device).unsqueeze(0)
-                    is_greedy = bool((greedy[:, -cont_t.shape[1]:] == cont_t).all())
-                    answer = (float(torch.gather(lp, 2, cont_t.unsqueeze(-1)).sum()), is_greedy)
-                    res.append(answer)
-                    if req_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", req_str, answer)
-                    pbar.update(1)
+            logprobs, sizes = self._score_chunk(chunk)
+            rows = logprobs.split(sizes)
+            hits = [(req_str, cont, r) for r, (request_str, ctx_toks, cont_toks) in enumerate(chunk)
+                    for req_str, cont, _ in re_ord.get_cache(req_str=request_str, cxt_toks=ctx_toks,
+                                                             cont_toks=list(cont_toks), logits=rows[r].unsqueeze(0))]
+            for (req_str, _, _), answer in zip(hits, _score_hits(logprobs, sizes, hits), strict=True):
+                res.append(answer)
+                if req_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", req_str, answer)
+                pbar.update(1)
         pbar.close()
         return re_ord.get_original(res)
 
-    def _score_chunk(self, chunk: list[tuple]) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Continuation tokens and their fp32 log-probabilities [contlen, V] for each request of a batch."""
+    def _score_chunk(self, chunk: list[tuple]) -> tuple[torch.Tensor, list[int]]:
+        """fp32 log-probabilities [sum contlen, V] of the continuation positions of a batch, and each contlen."""
         inps, spans = [], []
         for _, ctx, cont in chunk:
             inp = (ctx + cont)[-(self.max_length + 1):][:-1]  # left truncation, as the HF backend
@@ -170,8 +170,7 @@ class NeoXLM(TemplateLM):
         logits = self._model_call(ids)
         picked = torch.cat([logits[i, a:b] for i, (a, b) in enumerate(spans)])  # [sum contlen, V/tp]
         logprobs = F.log_softmax(_gather_vocab(picked.float())[:, :self.vocab_size], dim=-1)
-        sizes = [b - a for a, b in spans]
-        return [list(c[2]) for c in chunk], list(logprobs.split(sizes))
+        return logprobs, [b - a for a, b in spans]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows, counts = [], []
@@ -233,21 +232,63 @@ class NeoXLM(TemplateLM):
         logits = self.model(ids, position_ids=positions, kv_cache=cache)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
+        # Greedy tokens are read back every STOP_CHECK_EVERY steps, so the host queues the next steps'
+        # kernels instead of waiting for each token; a row that stopped early wastes at most that many
+        # steps, and its output is cut where it stopped. Sampling reads every step (its draws stay as they were).
+        every = 1 if params.temperature > 0 else STOP_CHECK_EVERY
+        pending: list[torch.Tensor] = []
         for step in range(max_gen):
             last = _gather_vocab(logits[:, -1].float())  # [b, V]
             token = _agree(sample_next(last, params, self.generator))
-            for i, t in enumerate(token.tolist()):
-                if done[i]:
-                    continue
-                if t == self.eot_token_id:
-                    done[i] = True
-                    continue
-                out[i].append(t)
-                done[i] = _stopped(self.tok_decode(out[i]), until)
-            if all(done) or step == max_gen - 1:
+            pending.append(token)
+            final = step == max_gen - 1
+            if len(pending) == every or final:
+                self._take(torch.stack(pending, dim=1).tolist(), out, done, until)
+                pending = []
+                if all(done):
+                    break
+            if final:
                 break
             logits = self.model(token.view(b, 1), position_ids=(width + step - pad).view(b, 1), kv_cache=cache)
         return out
+
+    def _take(self, rows: list[list[int]], out: list[list[int]], done: list[bool], until: list[str]) -> None:
+        """Append each unfinished row's new tokens up to its EOD or the first stop sequence."""
+        for i, new in enumerate(rows):
+            for t in new:
+                if done[i]:
+                    break
+                if t == self.eot_token_id:
+                    done[i] = True
+                    break
+                out[i].append(t)
+                done[i] = _stopped(self.tok_decode(out[i]), until)
+
+
+def _score_hits(logprobs: torch.Tensor, sizes: list[int], hits: list[tuple[Any, Any, int]]) -> list[tuple[float, bool]]:
+    """(sum of the continuation's log-probabilities, whether it is the greedy one) for each request.
+
+    ``logprobs`` [sum contlen, V] are a batch's rows of ``sizes`` positions; ``hits`` the harness's
+    (request, continuation tokens, row). Scored on the device and read back once: one host sync a batch,
+    not two a request. As the HF backend, a continuation shorter than its row (a harness cache hit that
+    shares another request's row) takes its log-probabilities from the row's first positions, its greedy
+    check from the last.
+    """
+    conts = [[int(t) for t in c] for _, c, _ in hits]
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    width = max(len(c) for c in conts)
+    toks, at_lp, at_greedy = [], [], []
+    for c, (_, _, r) in zip(conts, hits, strict=True):
+        n, start, pad = len(c), offsets[r], [0] * (width - len(c))
+        toks.append(c + pad)
+        at_lp.append(list(range(start, start + n)) + pad)
+        at_greedy.append(list(range(start + sizes[r] - n, start + sizes[r])) + pad)
+    dev = logprobs.device
+    toks, at_lp, at_greedy = (torch.tensor(x, dtype=torch.long, device=dev) for x in (toks, at_lp, at_greedy))
+    real = torch.arange(width, device=dev)[None, :] < torch.tensor([len(c) for c in conts], device=dev)[:, None]
+    picked = logprobs[at_lp, toks].masked_fill(~real, 0.0)
+    greedy = (logprobs.argmax(dim=-1)[at_greedy] == toks) | ~real
+    return list(zip(picked.sum(dim=-1).tolist(), greedy.all(dim=-1).tolist(), strict=True))
 
 
 def _stopped(text: str, until: list[str]) -> bool:

@@ -83,6 +83,22 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
 
 
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0,
+                expand_gqa: bool | None = None) -> torch.Tensor:
+    """q [b, nq, s, d], k/v [b, nkv, t, d], mask [b, 1, s, t]; ``expand_gqa`` defaults to CUDA."""
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1 or not (q.is_cuda if expand_gqa is None else expand_gqa):  # the CPU kernels take a mask with GQA
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=rep > 1)
+    # CUDA's masked kernels refuse GQA, so SDPA would fall back to its math kernel. One new token per row
+    # (decoding): its query heads become query rows of their KV head, so the cache is read, never copied.
+    b, nq, s, d = q.shape
+    if s == 1:
+        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], rep, d), k, v, attn_mask=mask, dropout_p=dropout)
+        return out.reshape(b, nq, 1, d)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # a prompt: once per batch
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
 class Attention(nn.Module):
     """[b, s, h] -> [b, s, h]."""
 
@@ -133,11 +149,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
-            mask = kv_cache.attn_mask(q.shape[2])
+            # one per forward, shared by the layers; additive on CUDA, where SDPA would convert a boolean one per call
+            mask = kv_cache.attn_mask(q.shape[2], self.window, q.dtype if q.is_cuda else None)
             if mask is not None:  # rows of different lengths (left padding): eval only
-                if self.window is not None:  # slot distances are position distances within a row
-                    mask = mask & window_mask(q.shape[2], k.shape[2], self.window, q.device)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
-                                                      dropout_p=dropout).transpose(1, 2)
+                return masked_sdpa(q, k, v, mask, dropout).transpose(1, 2)
         return _sdpa(q, k, v, dropout, self.window).transpose(1, 2)
 
