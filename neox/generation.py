@@ -99,7 +99,7 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: list[int], params: Sampl
     budget = min(params.maximum_tokens, limit - len(prompt_ids))
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     cache = model.allocate_kv_cache(1, len(prompt_ids) + budget) if params.use_cache else None
-    logits = model(ids, kv_cache=cache)
+    logits = model(ids, kv_cache=cache, last_only=True)
     out: list[int] = []
     for step in range(budget):
         token = _agree(sample_next(_full_vocab_last(logits), params, generator).reshape(1))
@@ -110,7 +110,7 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: list[int], params: Sampl
             logits = model(token.view(1, 1), kv_cache=cache)
         else:
             ids = torch.cat([ids, token.view(1, 1)], dim=1)
-            logits = model(ids)
+            logits = model(ids, last_only=True)
     return out
 
 

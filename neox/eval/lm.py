@@ -229,7 +229,7 @@ class NeoXLM(TemplateLM):
         cache = self.model.allocate_kv_cache(b, width + max_gen)
         cache.key_mask = torch.arange(width + max_gen, device=self._device)[None, :] >= pad[:, None]
         positions = (torch.arange(width, device=self._device)[None, :] - pad[:, None]).clamp(min=0)
-        logits = self.model(ids, position_ids=positions, kv_cache=cache)
+        logits = self.model(ids, position_ids=positions, kv_cache=cache, last_only=True)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         # Greedy tokens are read back every STOP_CHECK_EVERY steps, so the host queues the next steps'

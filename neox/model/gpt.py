@@ -96,7 +96,9 @@ class GPTModel(nn.Module):
             warn_partition_activations(cfg)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """``last_only``: logits of the last position only, [b, 1, V / tp] (a prompt before decoding needs no
+        others); with sequence parallelism, where each rank holds a slice of the positions, all of them."""
         b, s = input_ids.shape
         if position_ids is None:
             start = kv_cache.seen if kv_cache is not None else 0
@@ -106,6 +108,8 @@ class GPTModel(nn.Module):
         x = self._layers(x, rotary, kv_cache)
         if kv_cache is not None:
             kv_cache.advance()
+        if last_only and not self.sequence_parallel:
+            x = x[:, -1:]
         x = self.final_norm(x)
         if self.tied:
             return lm_logits(x, self.embedding.word_embeddings.weight, self.sequence_parallel)

@@ -133,6 +133,9 @@ def test_kv_cache_prefill_and_decode_match_full_forward(make):
         parts += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(8, S)]  # single-token decode
     assert cache.seen == S
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
+    with torch.no_grad():  # a prompt's forward for decoding: the last position's logits only
+        last = model(ids[:, :5], kv_cache=model.allocate_kv_cache(2, 16), last_only=True)
+    assert last.shape == (2, 1, full.shape[-1]) and (last - full[:, 4:5]).abs().max().item() < 1e-5
 
 
 def test_activation_checkpointing_gives_identical_gradients():
