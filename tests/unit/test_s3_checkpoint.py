@@ -161,7 +161,17 @@ def _fake_tag(root, tag: str, big: int) -> dict[str, bytes]:
 def test_upload_survives_500s_and_timeouts_latest_last(tmp_path, s3, caplog):
     proxy, direct, bucket = s3
     files = _fake_tag(tmp_path, "global_step7", 12 * 1024 * 1024)  # 3 multipart parts
-    proxy.fail = lambda k, m, p: "500" if k % 3 == 0 else ("hang" if k in (2, 7) else None)
+    part2_failures = []
+
+    def fail(k: int, method: str, path: str) -> str | None:
+        # the first three PUTs of part 2 fail: more than botocore's own 2 attempts, so neox's retry runs
+        # whatever order the concurrent requests take; the rest: every third request fails, two hang
+        if method == "PUT" and "partNumber=2" in path and len(part2_failures) < 3:
+            part2_failures.append(k)
+            return "500"
+        return "500" if k % 3 == 0 else ("hang" if k in (2, 7) else None)
+
+    proxy.fail = fail
     up = S3Uploader(f"s3://{bucket}/run1/", FAST)
     t0 = time.monotonic()
     with caplog.at_level("INFO"):
@@ -179,7 +189,7 @@ def test_upload_survives_500s_and_timeouts_latest_last(tmp_path, s3, caplog):
     tag_ops = [i for i, (m, p) in enumerate(ok) if "/global_step7/" in p]
     assert tag_ops and max(tag_ops) < latest_at
     assert any("uploadId" in p for _, p in ok)  # multipart was used
-    assert "retrying" in caplog.text and SECRET not in caplog.text
+    assert len(part2_failures) == 3 and "retrying" in caplog.text and SECRET not in caplog.text
 
 
 def test_permanent_failure_is_reported_not_raised(tmp_path, s3, caplog):
