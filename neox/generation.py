@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
 from neox.errors import CheckpointError, ConfigError, DataError
+from neox.model.decode_graph import DecodeGraph, graph_safe
 
 if TYPE_CHECKING:
     from neox.config.model import ModelConfig
@@ -39,6 +40,8 @@ class SamplingParams:
     """The tokenizer's vocabulary; logits of the padding rows above it are ignored."""
     use_cache: bool = True
     """Decode with a KV cache (one new token per step) instead of recomputing the whole sequence."""
+    cuda_graphs: bool = True
+    """With the cache, on a GPU where it is safe (neox.model.decode_graph.graph_safe): each step a replayed CUDA graph."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -101,16 +104,25 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: list[int], params: Sampl
     cache = model.allocate_kv_cache(1, len(prompt_ids) + budget) if params.use_cache else None
     logits = model(ids, kv_cache=cache, last_only=True)
     out: list[int] = []
-    for step in range(budget):
-        token = _agree(sample_next(_full_vocab_last(logits), params, generator).reshape(1))
-        out.append(int(token.item()))  # the one host sync a step
-        if out[-1] == params.eod or step == budget - 1:
-            break
-        if cache is not None:
-            logits = model(token.view(1, 1), kv_cache=cache)
-        else:
-            ids = torch.cat([ids, token.view(1, 1)], dim=1)
-            logits = model(ids, last_only=True)
+    use_graph = cache is not None and params.cuda_graphs and graph_safe(model)
+    graph = None  # captured at the first decode step, freed at the end
+    try:
+        for step in range(budget):
+            token = _agree(sample_next(_full_vocab_last(logits), params, generator).reshape(1))
+            out.append(int(token.item()))  # the one host sync a step
+            if out[-1] == params.eod or step == budget - 1:
+                break
+            if use_graph:
+                graph = graph or DecodeGraph(model, cache)
+                logits = graph.step(token.view(1, 1))
+            elif cache is not None:
+                logits = model(token.view(1, 1), kv_cache=cache)
+            else:
+                ids = torch.cat([ids, token.view(1, 1)], dim=1)
+                logits = model(ids, last_only=True)
+    finally:
+        if graph is not None:
+            graph.close()
     return out
 
 

@@ -5,7 +5,8 @@ own Hugging Face backend (``lm_eval/models/huggingface.py``), so a neox checkpoi
 ``tools/convert_neox_to_hf.py`` export score alike. Data-parallel ranks each take the harness's share
 of the requests (``rank``/``world_size`` are the data-parallel ones); tensor-parallel ranks of one
 replica run the same requests and gather the vocab-parallel logits. ``generate_until`` decodes a
-batch at a time with the KV cache (left padding masked), greedy or sampled.
+batch at a time with the KV cache (left padding masked), greedy or sampled; on a GPU each decode step
+is a replayed CUDA graph (neox/model/decode_graph.py) unless ``cuda_graphs=False`` or unsafe there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
 from neox.generation import SamplingParams, max_context, sample_next
+from neox.model.decode_graph import DecodeGraph, graph_safe
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF backend default
 STOP_CHECK_EVERY = 16  # greedy decoding steps between reads of the new tokens (stop sequences, EOD)
@@ -43,12 +45,18 @@ def _gather_vocab(x: torch.Tensor) -> torch.Tensor:
 
 
 class NeoXLM(TemplateLM):
-    """The harness's model interface; ``tokenizer`` is a neox tokenizer (neox.tokenizer.build)."""
+    """The harness's model interface; ``tokenizer`` is a neox tokenizer (neox.tokenizer.build).
+
+    ``cuda_graphs``: decode steps of ``generate_until`` as replays of one captured step where that is safe
+    (``graph_safe``: CUDA, tensor-parallel size 1, eval mode); False keeps the eager loop everywhere.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 8,
-                 max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, seed: int = 1234) -> None:
+                 max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, seed: int = 1234,
+                 cuda_graphs: bool = True) -> None:
         super().__init__()
         self.model, self.neox_tokenizer = model, tokenizer
+        self.cuda_graphs = cuda_graphs
         self._batch_size = max(int(batch_size), 1)
         self._max_length = max_length or max_context(model.cfg)
         self._max_gen_toks = max_gen_toks
@@ -237,19 +245,30 @@ class NeoXLM(TemplateLM):
         # steps, and its output is cut where it stopped. Sampling reads every step (its draws stay as they were).
         every = 1 if params.temperature > 0 else STOP_CHECK_EVERY
         pending: list[torch.Tensor] = []
-        for step in range(max_gen):
-            last = _gather_vocab(logits[:, -1].float())  # [b, V]
-            token = _agree(sample_next(last, params, self.generator))
-            pending.append(token)
-            final = step == max_gen - 1
-            if len(pending) == every or final:
-                self._take(torch.stack(pending, dim=1).tolist(), out, done, until)
-                pending = []
-                if all(done):
+        # the decode steps replay one captured step where that is safe (captured at the first one, freed after the batch)
+        use_graph, graph = self.cuda_graphs and graph_safe(self.model), None
+        try:
+            for step in range(max_gen):
+                last = _gather_vocab(logits[:, -1].float())  # [b, V]
+                token = _agree(sample_next(last, params, self.generator))
+                pending.append(token)
+                final = step == max_gen - 1
+                if len(pending) == every or final:
+                    self._take(torch.stack(pending, dim=1).tolist(), out, done, until)
+                    pending = []
+                    if all(done):
+                        break
+                if final:
                     break
-            if final:
-                break
-            logits = self.model(token.view(b, 1), position_ids=(width + step - pad).view(b, 1), kv_cache=cache)
+                position = (width + step - pad).view(b, 1)
+                if use_graph:
+                    graph = graph or DecodeGraph(self.model, cache)
+                    logits = graph.step(token.view(b, 1), position)
+                else:
+                    logits = self.model(token.view(b, 1), position_ids=position, kv_cache=cache)
+        finally:
+            if graph is not None:
+                graph.close()
         return out
 
     def _take(self, rows: list[list[int]], out: list[list[int]], done: list[bool], until: list[str]) -> None:

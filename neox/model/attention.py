@@ -20,7 +20,7 @@ from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, fork_model_parallel_rng
 from megatron_core.tensor_parallel.utils import group_world_size
-from neox.model.kv_cache import KVCache
+from neox.model.kv_cache import KVCache, visible
 from neox.model.rotary import apply_rotary
 
 if TYPE_CHECKING:
@@ -60,9 +60,7 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: floa
 
 def window_mask(s: int, t: int, window: int, device: torch.device) -> torch.Tensor:
     """[s, t] bool: query i (position t - s + i) sees key j when j <= its position <= j + window."""
-    q_pos = torch.arange(t - s, t, device=device).unsqueeze(1)
-    k_pos = torch.arange(t, device=device).unsqueeze(0)
-    return (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    return visible(torch.arange(t - s, t, device=device), torch.arange(t, device=device), None, window)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,

@@ -100,9 +100,10 @@ class GPTModel(nn.Module):
         """``last_only``: logits of the last position only, [b, 1, V / tp] (a prompt before decoding needs no
         others); with sequence parallelism, where each rank holds a slice of the positions, all of them."""
         b, s = input_ids.shape
-        if position_ids is None:
-            start = kv_cache.seen if kv_cache is not None else 0
-            position_ids = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        if position_ids is None and kv_cache is not None:
+            position_ids = kv_cache.positions(b, s, input_ids.device)
+        elif position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
         x = self.embedding(input_ids, position_ids)  # [b, s, h]
         rotary = rotary_for(self.cfg, position_ids)
         x = self._layers(x, rotary, kv_cache)
