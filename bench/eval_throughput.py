@@ -12,7 +12,9 @@ context; generative: greedy ``generate_until`` with a stop string that never occ
 decodes ``max_gen_toks`` unless it meets EOS), in the prompt format of tests/fixtures/eval_tasks.
 Each backend's ``loglikelihood`` and ``generate_until`` are timed after a warm-up call; the figures are
 requests/s, context tokens/s and generated tokens/s (tokens re-encoded from the returned text, the
-same count for every backend). Unbatched runs a subset (rates are per second).
+same count for every backend). Unbatched runs a subset (rates are per second). "neox batched" decodes
+with CUDA-graphed steps (NeoXLM's default, on a GPU), "neox batched, eager decode" with
+``cuda_graphs=False`` (the same requests; its generations must be identical).
 
 Imports only what the harness's LM classes need, not its task machinery (datasets, evaluate, ...):
 besides torch, transformers and neox's own dependencies, lm_eval and accelerate (the HF backend), and
@@ -170,7 +172,7 @@ def measure(name: str, lm: Any, ll: list[Any], gen: list[Any], count_tokens: Any
            "ll_requests_per_s": len(ll) / ll_s, "ll_tokens_per_s": ctx_tokens / ll_s,
            "gen_requests": len(gen), "gen_seconds": gen_s, "gen_tokens": gen_tokens,
            "gen_tokens_per_s": gen_tokens / gen_s, "ll": [x[0] for x in ll_out], "gen": gen_out}
-    log(f"{name:<22} bs {rec['batch_size']:>3} | loglikelihood {rec['ll_requests_per_s']:8.1f} req/s "
+    log(f"{name:<26} bs {rec['batch_size']:>3} | loglikelihood {rec['ll_requests_per_s']:8.1f} req/s "
         f"({rec['ll_tokens_per_s']:9.0f} tok/s, {len(ll)} req) | generate {rec['gen_tokens_per_s']:8.1f} tok/s "
         f"({gen_tokens} tok, {len(gen)} req)", fh)
     return rec
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                     a.repeat)]
         recs.append(measure("neox unbatched", NeoXLM(model, tokenizer, batch_size=1), ll[: 4 * a.unbatched_mc],
                             gen[: a.unbatched_gen], count, fh, a.repeat))
+        # generation only: its loglikelihood path is the batched one's
+        recs.append(measure("neox batched, eager decode", NeoXLM(model, tokenizer, batch_size=a.batch_size,
+                                                                 cuda_graphs=False), ll[:4], gen, count, fh, a.repeat))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -242,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
 
         hf = HFLM(pretrained=str(hf_dir), dtype="float32" if a.cpu else "bfloat16", device=device, batch_size=a.batch_size)
         recs.append(measure("lm_eval hf backend", hf, ll, gen, count, fh, a.repeat))
-        close = [compare(recs[0], recs[2]), compare(recs[0], recs[1])]
+        batched, unbatched, eager, hf_rec = recs
+        close = [compare(batched, hf_rec), compare(batched, unbatched), compare(batched, eager)]
         for c in close:
             log(f"{c['pair']}: loglikelihood max |diff| {c['ll_max_abs_diff']:.4f}, mean {c['ll_mean_abs_diff']:.4f}; "
                 f"identical generations {c['gen_identical']}", fh)
-        speed = {k: recs[0][k] / recs[2][k] for k in ("ll_requests_per_s", "gen_tokens_per_s")}
+        speed = {k: batched[k] / hf_rec[k] for k in ("ll_requests_per_s", "gen_tokens_per_s")}
+        speed["gen_tokens_per_s_eager_decode"] = eager["gen_tokens_per_s"] / hf_rec["gen_tokens_per_s"]
         log(f"neox batched / hf backend: loglikelihood x{speed['ll_requests_per_s']:.2f}, "
-            f"generation x{speed['gen_tokens_per_s']:.2f}", fh)
+            f"generation x{speed['gen_tokens_per_s']:.2f} (eager decode x{speed['gen_tokens_per_s_eager_decode']:.2f})", fh)
         summary = {"device": name, "torch": torch.__version__, "shape": shape,
                    "settings": vars(a), "speedup_vs_hf": speed, "agreement": close,
                    "runs": [{k: v for k, v in r.items() if k not in ("ll", "gen")} for r in recs],
