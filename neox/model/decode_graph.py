@@ -25,8 +25,9 @@ WARMUP = 2  # eager steps on a side stream before capture (PyTorch's CUDA-graph 
 def graph_safe(model: torch.nn.Module) -> bool:
     """Whether one decode step of ``model`` can be captured: CUDA, eval mode (no dropout draws), tensor-parallel
     size 1 and no sequence parallelism (no collectives in the graph), no autocast (its cast cache is refused
-    under capture), and plain eager linears and blocks (FP8 linears and torch.compile'd blocks, which in-training
-    evaluation may hand over, are not checked under capture)."""
+    under capture), and plain eager modules: FP8 linears, torch.compile'd blocks and forward hooks (DeepSpeed
+    ZeRO-3 gathers its partitioned parameters in them), which in-training evaluation may hand over, are not
+    checked under capture."""
     p = next(model.parameters(), None)
     if p is None or not p.is_cuda or model.training or getattr(model, "sequence_parallel", False):
         return False
@@ -34,8 +35,12 @@ def graph_safe(model: torch.nn.Module) -> bool:
         return False
     if torch.is_autocast_enabled("cuda"):
         return False
-    return not any("linear_fn" in vars(m) or getattr(m, "_compiled_call_impl", None) is not None
-                   for m in model.modules())
+    return not any(_not_plain(m) for m in model.modules())
+
+
+def _not_plain(m: torch.nn.Module) -> bool:
+    return ("linear_fn" in vars(m) or getattr(m, "_compiled_call_impl", None) is not None
+            or bool(m._forward_pre_hooks) or bool(m._forward_hooks))
 
 
 class DecodeGraph:
@@ -67,7 +72,11 @@ class DecodeGraph:
         # Warm-up and capture write keys/values at the current slot and later ones; the real steps write
         # each slot before any query can see it (later slots are masked), so those writes are harmless.
         start = self.cache.position.clone()
-        side = torch.cuda.Stream()
+        self.graph = torch.cuda.CUDAGraph()
+        capture = torch.cuda.graph(self.graph)
+        # Warm up on the stream the capture runs on (torch's one capture stream): its lazy per-stream state
+        # (cuBLAS workspace) is set up outside the capture, once per process rather than once per batch.
+        side = capture.capture_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP):
@@ -75,8 +84,7 @@ class DecodeGraph:
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
         self.cache.position.copy_(start)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # recorded, not run: the slot stays at start
+        with capture:  # recorded, not run: the slot stays at start
             self.logits = self._forward()
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

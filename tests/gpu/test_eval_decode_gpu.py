@@ -145,5 +145,6 @@ def test_neoxlm_results_identical_with_and_without_cuda_graphs(monkeypatch):
     assert torch.cuda.memory_allocated() == before  # graph, pool tensors and cache all freed
     params = SamplingParams(maximum_tokens=16, vocab_size=tok.vocab_size)
     prompt = tok.tokenize(PROMPTS[0])
+    made.clear()
     assert generate_tokens(model, prompt, params) == generate_tokens(model, prompt, dataclasses.replace(params, cuda_graphs=False))
     assert made and all(made)

@@ -152,7 +152,15 @@ def test_generate_tokens_static_decode_equals_eager(counted):
     assert len(counted) == 13
 
 
-def test_graph_safe_only_on_cuda_in_eval_mode():
+def test_graph_safe_only_on_cuda_for_plain_modules():
     model = _model()
     assert not dg.graph_safe(model)  # CPU parameters
     assert not dg.graph_safe(model.train())
+    assert not any(dg._not_plain(m) for m in model.modules())  # a plain GPTModel: nothing refuses capture
+    mlp = model.layers[0].mlp
+    mlp.linear1.linear_fn = torch.nn.functional.linear  # as FP8 training swaps it
+    handle = model.layers[1].register_forward_pre_hook(lambda mod, args: None)  # as DeepSpeed ZeRO-3 adds
+    assert dg._not_plain(mlp.linear1) and dg._not_plain(model.layers[1])
+    handle.remove()
+    del mlp.linear1.linear_fn
+    assert not any(dg._not_plain(m) for m in model.modules())
