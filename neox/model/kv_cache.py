@@ -85,7 +85,8 @@ class KVCache:
 
         Boolean without ``dtype``; with it, additive (0 where attended, -inf elsewhere) in ``dtype``.
         ``window``: each query also sees only the keys at most ``window`` slots before it (slot
-        distances are position distances within a row). Cached until ``seen`` or the arguments change.
+        distances are position distances within a row). Cached until ``seen`` or the arguments change
+        (static mode: until ``advance``).
         """
         if self.key_mask is None and self.position is None:
             return None
