@@ -67,7 +67,7 @@ def _prompt(model, ids, pad, length):
     return cache, model(ids, position_ids=positions, kv_cache=cache, last_only=True)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_graph_decode_equals_eager_decode(dtype, tol, window):
     from tests.unit.test_model import V
