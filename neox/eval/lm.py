@@ -272,16 +272,29 @@ class NeoXLM(TemplateLM):
         return out
 
     def _take(self, rows: list[list[int]], out: list[list[int]], done: list[bool], until: list[str]) -> None:
-        """Append each unfinished row's new tokens up to its EOD or the first stop sequence."""
+        """Append each unfinished row's new tokens up to its EOD or the first stop sequence.
+
+        The text is decoded once per row and chunk, not once per token (with CUDA-graphed steps the per-token
+        decoding took as long as the decoding itself); only a chunk whose text has a stop string is walked
+        token by token, to cut it after the token where the stop string first appears, as before.
+        """
         for i, new in enumerate(rows):
+            if done[i]:
+                continue
+            start = len(out[i])
             for t in new:
-                if done[i]:
-                    break
                 if t == self.eot_token_id:
                     done[i] = True
                     break
                 out[i].append(t)
-                done[i] = _stopped(self.tok_decode(out[i]), until)
+            if len(out[i]) == start or not _stopped(self.tok_decode(out[i]), until):
+                continue
+            kept, done[i] = out[i][start:], True
+            del out[i][start:]
+            for t in kept:
+                out[i].append(t)
+                if _stopped(self.tok_decode(out[i]), until):
+                    break
 
 
 def _score_hits(logprobs: torch.Tensor, sizes: list[int], hits: list[tuple[Any, Any, int]]) -> list[tuple[float, bool]]:

@@ -70,3 +70,43 @@ def test_batch_scoring_matches_per_request():
     got = _score_hits(logprobs, sizes, hits)
     assert [b for _, b in got] == [b for _, b in expected] and expected[0][1]
     assert [a for a, _ in got] == pytest.approx([a for a, _ in expected], abs=1e-6)
+
+
+def test_chunked_stop_check_equals_per_token():
+    """Stop strings checked once per row and chunk cut the rows where the former per-token check did."""
+    import random
+    from types import SimpleNamespace
+
+    from neox.eval.lm import NeoXLM, _stopped
+
+    class Letters:  # id i -> one letter; id 0 is the EOD token
+        vocab_size, eod = 27, 0
+
+        def detokenize(self, ids):
+            return "".join(chr(96 + i) for i in ids)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.cfg = SimpleNamespace(max_position_embeddings=64, seq_length=64)
+
+    lm = NeoXLM(Stub(), Letters())
+    rng = random.Random(0)
+    rows = [[rng.choice([0] + [1, 2, 3] * 8) for _ in range(48)] for _ in range(40)]
+    until = ["ab", "ccc"]
+    ref_out, ref_done = [[] for _ in rows], [False] * len(rows)
+    for i, new in enumerate(rows):  # the former formula, a token at a time
+        for t in new:
+            if ref_done[i]:
+                break
+            if t == 0:
+                ref_done[i] = True
+                break
+            ref_out[i].append(t)
+            ref_done[i] = _stopped(lm.tok_decode(ref_out[i]), until)
+    out, done = [[] for _ in rows], [False] * len(rows)
+    for c in range(0, 48, 16):
+        lm._take([r[c:c + 16] for r in rows], out, done, until)
+    assert out == ref_out and done == ref_done
+    assert sum(done) > 20 and len({len(o) for o in out}) > 5  # stops and EODs at many places
