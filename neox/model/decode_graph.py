@@ -19,7 +19,7 @@ import torch
 from megatron_core import parallel_state
 from neox.model.kv_cache import KVCache
 
-WARMUP = 2  # eager steps on a side stream before capture (PyTorch's CUDA-graph recipe): lazy inits, kernel choices
+WARMUP = 2  # eager steps off the default stream before capture (PyTorch's CUDA-graph recipe): lazy inits, kernel choices
 
 
 def graph_safe(model: torch.nn.Module) -> bool:
