@@ -63,7 +63,12 @@ def test_real_fp8_linear_matches_emulation(kind, recipe, dtype):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_real_fp8_compiled_block_matches_emulation(recipe):
-    """One block as training runs it (bf16 autocast, torch.compile): real kernels compiled vs eager emulation."""
+    """One block as training runs it (bf16 autocast, torch.compile): real kernels against emulation, both compiled.
+
+    Compiled against eager is no kernel check: Inductor feeds the FP8 casts unrounded fp32 intermediates
+    where eager rounds them to bf16 first, so FP8 operands differ and the weight gradients of this block
+    move ~4-5% (measured on CPU with emulation on both sides: qkv 4.7%, linear2 4.0%; output 0.09%). That is
+    why this test failed on the H200 (session 7) when its emulated side ran eagerly."""
     from neox.config.model import ModelConfig
     from neox.model import GPTModel
     from neox.model.fp8 import convert_block_linears
@@ -81,7 +86,7 @@ def test_real_fp8_compiled_block_matches_emulation(recipe):
     models[1].load_state_dict(models[0].state_dict())
     for model, emulate in zip(models, (True, False)):
         convert_block_linears(model, PrecisionConfig(fp8_recipe=recipe, fp8_emulate=emulate), torch.device("cuda"))
-    blocks = [models[0].layers[0], torch.compile(models[1].layers[0])]
+    blocks = [torch.compile(m.layers[0]) for m in models]
     x = torch.randn(2, 512, 1024, device="cuda")
     rotary = rotary_for(cfg, torch.arange(512, device="cuda").expand(2, 512))
     outs = []
