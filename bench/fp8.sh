@@ -4,15 +4,17 @@
 #   mkdir -p .carry && cp ../shared/bench/peers.py ../shared/bench/fsdp2_anchor.py .carry/   # carry: [".carry"]
 #   PART=1 bash bench/fp8.sh      # then PART=2, 3, 4, 5: one device call each, each under ~9 min cold
 # Logs and bench_results.jsonl under $OUT/<case>/ (OUT defaults to ./out); a one-line table per case.
-#   PART=1  TinyLlama shape (seq 4096, mbs 4): neox bf16, neox FP8 tensorwise; peers.py plain_compile
-#   PART=2  TinyLlama shape: neox FP8 rowwise; FSDP2 anchor bf16 and FP8=tensorwise (AC=0, mbs 4)
-#   PART=3  Llemma-7B shape at TP 1 (fast settings, no checkpointing, mbs 2): neox bf16, neox FP8 tensorwise
+#   PART=1  TinyLlama shape (seq 4096, mbs 4), configs/tinyllama_1b.yml as committed: neox bf16 with peers.py
+#           plain_compile; the FSDP2 anchor bf16 and FP8=tensorwise (AC=0, mbs 4)
+#   PART=2  TinyLlama shape: neox bf16, neox FP8 tensorwise (profiled on its last step), then FP8 rowwise
+#   PART=3  Llemma-7B shape at TP 1 (fast settings, no checkpointing, mbs 2): neox bf16 (profiled on step 13),
+#           neox FP8 tensorwise, then the FSDP2 + FP8 anchor (AC=0, mbs 2) in what is left of ~9.5 min
 #   PART=4  Llemma-7B FP8 tensorwise: mbs 1 without and mbs 2 with checkpoint_activations; FSDP2 + FP8 anchor (AC=0, mbs 2)
 #   PART=5  FP8 numerics: 300 steps of the 125M class on Markov data, bf16 vs tensorwise vs rowwise
 #           (bench/fp8_loss.py; prints the max relative loss difference after warm-up, tolerance 1.5%)
-# Every neox run compiles cold (90-160 s for the 1.1B model), so the runs are short: 20 steps, the
-# first 10 left out, medians over two 5-step records. TUNING=1 adds torch_compile_tuning (about +1 min
-# compile per run, +1.5-2% throughput) to every neox run alike; off by default to fit the time.
+# Every neox run compiles cold (60-160 s), so the runs are short: 20 steps, the first 10 left out,
+# medians over two 5-step records. The TinyLlama runs use the committed config as is (torch_compile_tuning
+# on); the 7B runs the same fast settings with tuning off to fit the time (TUNING=1 turns it on there).
 # ONLY="case ..." runs just those cases of the part (names as printed after "==").
 set -u
 OUT=${OUT:-out}
@@ -32,11 +34,16 @@ FAST=(--set torch_compile=true --set torch_compile_tuning="$([[ ${TUNING:-0} == 
       --set 'torch_autocast={enabled: true, dtype: bfloat16}' --set 'zero_optimization={stage: 0}'
       --set optimizer_master_weights=true)
 # One data folder per vocabulary: bench_train.py reuses a folder's tokenizer and tokens as they are.
-TINY=(--config configs/tinyllama_1b.yml --work /tmp/neox_bench_fp8_32000 "${STEPS[@]}" "${FAST[@]}")
+TINY=(--config configs/tinyllama_1b.yml --work /tmp/neox_bench_fp8_32000 "${STEPS[@]}")
 L7B=(--config configs/bench/llemma_7b_shape.yml --work /tmp/neox_bench_fp8_32016 "${STEPS[@]}" "${FAST[@]}"
      --set model_parallel_size=1 --set num_gpus=1)
 TINY_SHAPE=(--layers 22 --hidden 2048 --heads 32 --kv 4 --ffn 5632 --vocab 32000 --seq 4096 --mbs 4)
 L7B_SHAPE=(--layers 32 --hidden 4096 --heads 32 --kv 32 --ffn 11008 --vocab 32016 --seq 4096)
+
+copy_profile() {  # case: its profile summary and the top of its kernel table beside its log
+  cp "$OUT/$1/logs/profile/summary_rank0.json" "$OUT/$1.profile.json" 2>/dev/null &&
+    head -60 "$OUT/$1/logs/profile/kernels_rank0.txt" > "$OUT/$1.kernels.txt" && head -30 "$OUT/$1.profile.json"
+}
 
 anchor_case() {  # name, seconds, FP8 recipe ("" = bf16), AC (0/1), fsdp2_anchor.py shape arguments...
   local name=$1 limit=$2 fp8=$3 ac=$4; shift 4
@@ -51,15 +58,22 @@ anchor_case() {  # name, seconds, FP8 recipe ("" = bf16), AC (0/1), fsdp2_anchor
 
 case $PART in
 1)
-  PEERS=$PEER_FILE bench_case tiny_bf16 320 "${TINY[@]}" --peer-which plain_compile
-  bench_case tiny_fp8_tensorwise 230 "${TINY[@]}" --set fp8_recipe=tensorwise ;;
+  PEERS=$PEER_FILE bench_case tiny_bf16 330 "${TINY[@]}" --peer-which plain_compile
+  anchor_case tiny_anchor_bf16 120 "" 0 "${TINY_SHAPE[@]}"
+  anchor_case tiny_anchor_fp8_tensorwise 130 tensorwise 0 "${TINY_SHAPE[@]}" ;;
 2)
-  bench_case tiny_fp8_rowwise 230 "${TINY[@]}" --set fp8_recipe=rowwise
-  anchor_case tiny_anchor_bf16 130 "" 0 "${TINY_SHAPE[@]}"
-  anchor_case tiny_anchor_fp8_tensorwise 150 tensorwise 0 "${TINY_SHAPE[@]}" ;;
+  bench_case tiny_bf16 200 "${TINY[@]}"
+  bench_case tiny_fp8_tensorwise 300 "${TINY[@]}" --steps 22 --set fp8_recipe=tensorwise \
+    --set profile=true --set profile_step_start=20 --set profile_step_stop=21
+  copy_profile tiny_fp8_tensorwise
+  bench_case tiny_fp8_rowwise 200 "${TINY[@]}" --set fp8_recipe=rowwise ;;
 3)
-  bench_case 7b_bf16_mbs2 260 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2
-  bench_case 7b_fp8_tensorwise_mbs2 260 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --set fp8_recipe=tensorwise ;;
+  bench_case 7b_bf16_mbs2 250 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --steps 14 --warmup 6 --log-interval 2 \
+    --set profile=true --set profile_step_start=12 --set profile_step_stop=13
+  copy_profile 7b_bf16_mbs2
+  bench_case 7b_fp8_tensorwise_mbs2 300 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --set fp8_recipe=tensorwise
+  left=$((570 - SECONDS))
+  if (( left > 60 )); then anchor_case 7b_anchor_fp8_tensorwise_mbs2 "$left" tensorwise 0 "${L7B_SHAPE[@]}" --mbs 2; fi ;;
 4)
   bench_case 7b_fp8_tensorwise_mbs1 200 "${L7B[@]}" --set train_micro_batch_size_per_gpu=1 --set fp8_recipe=tensorwise
   bench_case 7b_fp8_tensorwise_mbs2_ckpt 200 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --set fp8_recipe=tensorwise \
