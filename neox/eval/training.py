@@ -2,7 +2,8 @@
 
 The training run is left exactly as it was: the model's train/eval mode and every RNG stream (Python,
 NumPy, torch, CUDA, the tensor-parallel tracker) are restored afterwards, so losses, determinism and
-resume do not depend on whether tasks ran (the harness seeds the global RNGs itself).
+resume do not depend on whether tasks ran (the harness seeds the global RNGs itself). The
+compiled training blocks run eagerly meanwhile (``without_compile``), so training keeps its graphs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from neox.errors import ConfigError
+from neox.model.decode_graph import is_compiled
 
 
 @contextlib.contextmanager
@@ -26,6 +28,26 @@ def preserved_training_state(module: torch.nn.Module) -> Iterator[None]:
     finally:
         module.train(was_training)
         set_rng_state(rng)
+
+
+@contextlib.contextmanager
+def without_compile(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s submodules run their own eager forward meanwhile (``Module.compile()`` undone, then redone).
+
+    The harness's batches change shape from one to the next. A compiled training block that saw them
+    would recompile, and Dynamo, which tries its newest graph first, would from then on run training's
+    own shape through that dynamic-shape graph: a recompile of the backward too, and another kernel set,
+    after every run's first evaluation. Eager, evaluation compiles nothing and its decode steps can be
+    CUDA graphs (neox/model/decode_graph.py refuses compiled modules).
+    """
+    saved = [(m, m._compiled_call_impl) for m in module.modules() if is_compiled(m)]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
 
 
 def plain_model(module: torch.nn.Module) -> torch.nn.Module:
@@ -59,7 +81,7 @@ def make_eval_tasks_fn(args: Any, engine: Any, tokenizer: Any, logger: Any) -> C
         from neox.eval.lm import NeoXLM
 
         module = engine.module
-        with preserved_training_state(module), torch.no_grad():
+        with preserved_training_state(module), without_compile(module), torch.no_grad():
             model = plain_model(module).eval()
             lm = NeoXLM(model, tokenizer, batch_size=ecfg.eval_batch_size, seed=args.training.seed)
             results = harness.evaluate_tasks(lm, ecfg, manager, seed=args.training.seed)

@@ -38,9 +38,13 @@ def graph_safe(model: torch.nn.Module) -> bool:
     return not any(_not_plain(m) for m in model.modules())
 
 
+def is_compiled(m: torch.nn.Module) -> bool:
+    """Whether ``m`` was compiled in place (``Module.compile()``, how training compiles its blocks)."""
+    return getattr(m, "_compiled_call_impl", None) is not None
+
+
 def _not_plain(m: torch.nn.Module) -> bool:
-    return ("linear_fn" in vars(m) or getattr(m, "_compiled_call_impl", None) is not None
-            or bool(m._forward_pre_hooks) or bool(m._forward_hooks))
+    return "linear_fn" in vars(m) or is_compiled(m) or bool(m._forward_pre_hooks) or bool(m._forward_hooks)
 
 
 class DecodeGraph:
