@@ -2,7 +2,7 @@
 # Issue 20's FP8 measurements on ONE H200, through the real training path (bench/bench_train.py ->
 # deepy.py train.py), each neox figure with its peers from the same call. From the repo root:
 #   mkdir -p .carry && cp ../shared/bench/peers.py ../shared/bench/fsdp2_anchor.py .carry/   # carry: [".carry"]
-#   PART=1 bash bench/fp8.sh      # then PART=2, 3, 4, 5: one device call each, each under ~9 min cold
+#   PART=1 bash bench/fp8.sh      # then PART=2 .. 6: one device call each, each under ~9 min cold
 # Logs and bench_results.jsonl under $OUT/<case>/ (OUT defaults to ./out); a one-line table per case.
 #   PART=1  TinyLlama shape (seq 4096, mbs 4), configs/tinyllama_1b.yml as committed: neox bf16 with peers.py
 #           plain_compile; the FSDP2 anchor bf16 and FP8=tensorwise (AC=0, mbs 4)
