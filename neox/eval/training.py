@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from neox.errors import ConfigError
+from megatron_core import parallel_state
 from neox.model.decode_graph import is_compiled
 
 
@@ -51,17 +51,41 @@ def without_compile(module: torch.nn.Module) -> Iterator[None]:
 
 
 def plain_model(module: torch.nn.Module) -> torch.nn.Module:
-    """The engine's module as a GPTModel (a one-stage pipeline module is copied into one)."""
+    """The engine's module as a GPTModel: a pipeline module is copied into one, its other stages' parameters
+    broadcast over the pipeline group first (collective), so every stage holds this tensor-parallel rank's
+    whole model for the evaluation."""
     from neox.model import GPTModel
     from neox.model.pipe import GPTModelPipe
 
     if not isinstance(module, GPTModelPipe):
         return module
-    params = dict(module.plain_named_parameters())
+    params = {name: p.detach() for name, p in module.plain_named_parameters()}
     first = next(iter(params.values()))
+    if parallel_state.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        params = _gather_stages(params, parallel_state.get_pipeline_model_parallel_group())
     model = GPTModel(module.cfg, device=first.device, dtype=first.dtype)
     model.load_state_dict(params)
     return model
+
+
+def _gather_stages(params: dict[str, torch.Tensor], group: Any) -> dict[str, torch.Tensor]:
+    """Every stage's parameters (GPTModel names) on every rank of the pipeline ``group``: each name is
+    broadcast from the first stage that holds it (a tied embedding lives on two stages; one copy is taken)."""
+    import torch.distributed as dist
+
+    held: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(held, {name: (tuple(t.shape), t.dtype) for name, t in params.items()}, group=group)
+    out: dict[str, torch.Tensor] = {}
+    for owner, names in enumerate(held):
+        src = dist.get_global_rank(group, owner)
+        for name, (shape, dtype) in names.items():
+            if name in out:
+                continue
+            mine = params.get(name) if src == dist.get_rank() else None
+            t = mine if mine is not None else torch.empty(shape, dtype=dtype, device=next(iter(params.values())).device)
+            dist.broadcast(t, src=src, group=group)
+            out[name] = t
+    return out
 
 
 def make_eval_tasks_fn(args: Any, engine: Any, tokenizer: Any, logger: Any) -> Callable[[int], None] | None:
@@ -69,9 +93,6 @@ def make_eval_tasks_fn(args: Any, engine: Any, tokenizer: Any, logger: Any) -> C
     ecfg = args.eval
     if not ecfg.eval_tasks:
         return None
-    if args.parallel.pipe_parallel_size > 1:
-        raise ConfigError("eval_tasks: in-training evaluation does not run across pipeline stages; set "
-                          "pipe_parallel_size 0 or 1, or evaluate a checkpoint with eval.py")
     from neox.eval import harness
 
     manager = harness.task_manager(ecfg.eval_tasks_include_path)
