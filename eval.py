@@ -45,11 +45,9 @@ def run(args: Any) -> dict[str, Any] | None:
     results = harness.evaluate_tasks(lm, args.eval, manager, seed=args.training.seed)
     if results is None or int(os.environ.get("RANK", "0")) != 0:
         return results
-    path = harness.write_results(results, args.eval, args.logging.log_dir)
-    print(harness.table(results), flush=True)
     logger = MetricsLogger(args.logging, run_config=args.to_flat() if args.logging.use_wandb else None)
     try:
-        logger.log_eval_metrics("eval_tasks", _iteration(load), harness.metric_record(results))
+        path = harness.report(results, args.eval, args.logging.log_dir, logger, _iteration(load))
     finally:
         logger.close()
     print(f"neox: eval results -> {path}", file=sys.stderr, flush=True)
@@ -58,12 +56,10 @@ def run(args: Any) -> dict[str, Any] | None:
 
 def _iteration(load: str) -> int:
     """The step of the checkpoint evaluated (global_stepN in its latest file), 0 if unknown."""
-    try:
-        with open(os.path.join(load, "latest"), encoding="utf-8") as f:
-            tag = f.read().strip()
-        return int(tag.removeprefix("global_step"))
-    except (OSError, ValueError):
-        return 0
+    from neox.checkpoint.local import TAG_RE, read_latest
+
+    match = TAG_RE.match(read_latest(load) or "")
+    return int(match.group(1)) if match else 0
 
 
 def main() -> None:

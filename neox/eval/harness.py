@@ -87,6 +87,15 @@ def write_results(results: dict[str, Any], ecfg: EvalConfig, log_dir: str | None
     return path
 
 
+def report(results: dict[str, Any], ecfg: EvalConfig, log_dir: str | None, logger: Any, iteration: int) -> Path:
+    """What rank 0 does with the results: the files (``write_results``), the harness's table on stdout and one
+    ``eval_tasks`` record through ``logger`` (a MetricsLogger) at ``iteration``; the results JSON's path."""
+    path = write_results(results, ecfg, log_dir)
+    print(table(results), flush=True)
+    logger.log_eval_metrics("eval_tasks", iteration, metric_record(results))
+    return path
+
+
 def table(results: dict[str, Any]) -> str:
     """The harness's own results table (and the groups table when there are groups)."""
     from lm_eval.utils import make_table

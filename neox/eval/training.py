@@ -73,6 +73,7 @@ def _gather_stages(params: dict[str, torch.Tensor], group: Any) -> dict[str, tor
     broadcast from the first stage that holds it (a tied embedding lives on two stages; one copy is taken)."""
     import torch.distributed as dist
 
+    device = next(iter(params.values())).device
     held: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(held, {name: (tuple(t.shape), t.dtype) for name, t in params.items()}, group=group)
     out: dict[str, torch.Tensor] = {}
@@ -82,7 +83,7 @@ def _gather_stages(params: dict[str, torch.Tensor], group: Any) -> dict[str, tor
             if name in out:
                 continue
             mine = params.get(name) if src == dist.get_rank() else None
-            t = mine if mine is not None else torch.empty(shape, dtype=dtype, device=next(iter(params.values())).device)
+            t = mine if mine is not None else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(t, src=src, group=group)
             out[name] = t
     return out
@@ -107,8 +108,6 @@ def make_eval_tasks_fn(args: Any, engine: Any, tokenizer: Any, logger: Any) -> C
             lm = NeoXLM(model, tokenizer, batch_size=ecfg.eval_batch_size, seed=args.training.seed)
             results = harness.evaluate_tasks(lm, ecfg, manager, seed=args.training.seed)
         if results is not None and logger.enabled:
-            harness.write_results(results, ecfg, args.logging.log_dir)
-            print(harness.table(results), flush=True)
-            logger.log_eval_metrics("eval_tasks", iteration, harness.metric_record(results))
+            harness.report(results, ecfg, args.logging.log_dir, logger, iteration)
 
     return run

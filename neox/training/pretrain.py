@@ -77,8 +77,10 @@ def discover_mpi(args: NeoXArgs) -> None:
         import mpi4py  # noqa: F401  (mpi_discovery imports it)
     except ImportError:
         raise ConfigError("deepspeed_mpi: reading the ranks from MPI needs mpi4py (pip install mpi4py)") from None
+    from neox.handoff import DEFAULT_PORT
+
     # GPT-NeoX's default port where the config leaves it free (every MPI rank must agree on it)
-    boundary.mpi_discovery(args.launcher.master_port or 29500)
+    boundary.mpi_discovery(args.launcher.master_port or DEFAULT_PORT)
     world = args.parallel.world_size
     if world is not None and int(os.environ["WORLD_SIZE"]) != world:
         raise ConfigError(f"deepspeed_mpi: MPI reports {os.environ['WORLD_SIZE']} ranks but the config was resolved "
