@@ -70,16 +70,20 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def gather_vocab(x: torch.Tensor) -> torch.Tensor:
+    """[..., V/tp] -> [..., V] over the tensor-parallel group (as is at tensor-parallel size 1)."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        return gather_from_tensor_model_parallel_region(x)
+    return x
+
+
 def _full_vocab_last(logits: torch.Tensor) -> torch.Tensor:
     """The last position's logits over the whole vocabulary, fp32 [b, V] (gathered over TP ranks)."""
-    last = logits[:, -1:].float()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        last = gather_from_tensor_model_parallel_region(last)
-    return last[:, 0]
+    return gather_vocab(logits[:, -1:].float())[:, 0]
 
 
-def _agree(token: torch.Tensor) -> torch.Tensor:
-    """Every TP rank continues with the first rank's token."""
+def agree_tokens(token: torch.Tensor) -> torch.Tensor:
+    """Every TP rank continues with its group's first rank's tokens (sampling included)."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.broadcast(token, parallel_state.get_tensor_model_parallel_src_rank(),
                        group=parallel_state.get_tensor_model_parallel_group())
@@ -108,7 +112,7 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: list[int], params: Sampl
     graph = None  # captured at the first decode step, freed at the end
     try:
         for step in range(budget):
-            token = _agree(sample_next(_full_vocab_last(logits), params, generator).reshape(1))
+            token = agree_tokens(sample_next(_full_vocab_last(logits), params, generator).reshape(1))
             out.append(int(token.item()))  # the one host sync a step
             if out[-1] == params.eod or step == budget - 1:
                 break

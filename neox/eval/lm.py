@@ -27,21 +27,11 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from megatron_core import parallel_state
-from megatron_core.tensor_parallel import gather_from_tensor_model_parallel_region
-from neox.generation import SamplingParams, max_context, sample_next
+from neox.generation import SamplingParams, agree_tokens, gather_vocab, max_context, sample_next
 from neox.model.decode_graph import DecodeGraph, graph_safe
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's HF backend default
 STOP_CHECK_EVERY = 16  # greedy decoding steps between reads of the new tokens (stop sequences, EOD)
-
-
-def _tp_size() -> int:
-    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.is_initialized() else 1
-
-
-def _gather_vocab(x: torch.Tensor) -> torch.Tensor:
-    """[..., V/tp] -> [..., V] over the tensor-parallel group."""
-    return gather_from_tensor_model_parallel_region(x) if _tp_size() > 1 else x
 
 
 class NeoXLM(TemplateLM):
@@ -169,7 +159,7 @@ class NeoXLM(TemplateLM):
             inps.append(inp)
             spans.append((len(inp) - len(cont), len(inp)))
         width = max(len(x) for x in inps)
-        tp = _tp_size()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
         if getattr(self.model, "sequence_parallel", False):
             width = -(-width // tp) * tp  # the sequence is split over the tensor-parallel ranks
         ids = torch.zeros(len(inps), width, dtype=torch.long)
@@ -177,7 +167,7 @@ class NeoXLM(TemplateLM):
             ids[i, :len(inp)] = torch.tensor(inp, dtype=torch.long)
         logits = self._model_call(ids)
         picked = torch.cat([logits[i, a:b] for i, (a, b) in enumerate(spans)])  # [sum contlen, V/tp]
-        logprobs = F.log_softmax(_gather_vocab(picked.float())[:, :self.vocab_size], dim=-1)
+        logprobs = F.log_softmax(gather_vocab(picked.float())[:, :self.vocab_size], dim=-1)
         return logprobs, [b - a for a, b in spans]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -249,8 +239,8 @@ class NeoXLM(TemplateLM):
         use_graph, graph = self.cuda_graphs and graph_safe(self.model), None
         try:
             for step in range(max_gen):
-                last = _gather_vocab(logits[:, -1].float())  # [b, V]
-                token = _agree(sample_next(last, params, self.generator))
+                last = gather_vocab(logits[:, -1].float())  # [b, V]
+                token = agree_tokens(sample_next(last, params, self.generator))
                 pending.append(token)
                 final = step == max_gen - 1
                 if len(pending) == every or final:
@@ -325,14 +315,6 @@ def _score_hits(logprobs: torch.Tensor, sizes: list[int], hits: list[tuple[Any, 
 
 def _stopped(text: str, until: list[str]) -> bool:
     return any(s and s in text for s in until)
-
-
-def _agree(token: torch.Tensor) -> torch.Tensor:
-    """Every tensor-parallel rank continues with its group's first rank's tokens (sampling included)."""
-    if _tp_size() > 1:
-        dist.broadcast(token, parallel_state.get_tensor_model_parallel_src_rank(),
-                       group=parallel_state.get_tensor_model_parallel_group())
-    return token
 
 
 def _sampling(kwargs: dict[str, Any], vocab_size: int) -> SamplingParams:
