@@ -126,6 +126,14 @@ class MlpShape(NamedTuple):
         return self.mlp_type == "llama"
 
 
+def num_kv_heads(cfg: Any) -> int:
+    """Key/value heads of a ModelConfig (one for multiquery; num_attention_heads when unset: a ModelConfig
+    built directly is not derived)."""
+    if cfg.attention_type == "multiquery":
+        return 1
+    return cfg.num_kv_heads or cfg.num_attention_heads
+
+
 def mlp_shape(cfg: Any) -> MlpShape:
     """The MLP's kind, activation and inner size, as GPT-NeoX sizes its MLPs; ``cfg`` is a ModelConfig
     (derived or built directly) or the flat values. The one rule: derivation and the model both call it.

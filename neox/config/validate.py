@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from neox.config.derive import key_error, mlp_shape
+from neox.config.derive import key_error, mlp_shape, num_kv_heads
 from neox.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,10 +25,6 @@ LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
 
 # Model rules take the ModelConfig (derived, or built directly as tools and tests do) and the tensor-
 # parallel size: the config runs them when it is read, GPTModel again for a config built directly.
-
-
-def _kv_heads(m: ModelConfig) -> int:
-    return 1 if m.attention_type == "multiquery" else (m.num_kv_heads or m.num_attention_heads)
 
 
 def required_shape(m: ModelConfig, mp: int) -> None:
@@ -47,7 +43,7 @@ def hidden_divisible_by_heads(m: ModelConfig, mp: int) -> None:
 
 
 def heads_divisible_by_kv_heads(m: ModelConfig, mp: int) -> None:
-    nkv = _kv_heads(m)
+    nkv = num_kv_heads(m)
     if nkv <= 0 or nkv > m.num_attention_heads or m.num_attention_heads % nkv:
         raise key_error(
             ("num_kv_heads", "num_attention_heads"),
@@ -56,7 +52,7 @@ def heads_divisible_by_kv_heads(m: ModelConfig, mp: int) -> None:
 
 
 def heads_divisible_by_model_parallel(m: ModelConfig, mp: int) -> None:
-    for key, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", _kv_heads(m))):
+    for key, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", num_kv_heads(m))):
         if value % mp:
             raise key_error((key, "model_parallel_size"), f"{key} {value} is not divisible by model_parallel_size {mp}")
 

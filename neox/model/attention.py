@@ -20,6 +20,7 @@ from torch.distributed import ProcessGroup
 
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, fork_model_parallel_rng
 from megatron_core.tensor_parallel.utils import group_world_size
+from neox.config.derive import num_kv_heads
 from neox.model.kv_cache import KVCache, visible
 from neox.model.rotary import apply_rotary
 
@@ -29,12 +30,6 @@ if TYPE_CHECKING:
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def num_kv_heads(cfg: ModelConfig) -> int:
-    if cfg.attention_type == "multiquery":
-        return 1
-    return cfg.num_kv_heads or cfg.num_attention_heads
 
 
 def head_dim(cfg: ModelConfig) -> int:
