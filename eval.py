@@ -63,9 +63,9 @@ def _iteration(load: str) -> int:
 
 
 def main() -> None:
-    from neox.config import NeoXArgs
+    from neox.handoff import rank_args
 
-    run(NeoXArgs.from_launcher())  # process groups are released at exit (pretrain.shutdown via atexit)
+    run(rank_args())  # process groups are released at exit (pretrain.shutdown via atexit)
 
 
 if __name__ == "__main__":
