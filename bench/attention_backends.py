@@ -23,9 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "default": None}
+FA4 = "fa4"  # neox/model/flash.py's FlashAttention-4 ops (flash-attn-4 installed, Hopper/Blackwell)
 
 
 def attend(q, k, v, backend, gqa_native):
+    if backend == FA4:  # [b, h, s, d] views of [b, s, h, d] tensors, as neox's attention holds them
+        from neox.model.flash import flash_attention
+
+        return flash_attention(FA4, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, None).transpose(1, 2)
     if not gqa_native and k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -44,8 +49,10 @@ def check_and_time(name, backend, gqa_native, a):
     from triton.testing import do_bench
 
     torch.manual_seed(1)
-    shape = lambda h: (1, h, 1024, a.head_dim)  # noqa: E731 - small enough for an fp32 reference
-    q, k, v = (torch.randn(shape(h), device="cuda") for h in (a.heads, a.kv_heads, a.kv_heads))
+    def shape(h, b=1, s=1024):  # [b, h, s, d] as a view of a [b, s, h, d] tensor (the model's layout)
+        return torch.randn(b, s, h, a.head_dim, device="cuda").transpose(1, 2)
+
+    q, k, v = (shape(h) for h in (a.heads, a.kv_heads, a.kv_heads))
     try:
         qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
         out = attend(qb, kb, vb, backend, gqa_native)
@@ -54,10 +61,8 @@ def check_and_time(name, backend, gqa_native, a):
         ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
                                              v.double().repeat_interleave(rep, 1), is_causal=True).float()
         err = rel_err(out, ref)
-        big = lambda h: torch.randn(a.batch, h, a.seq, a.head_dim, device="cuda", dtype=torch.bfloat16,  # noqa: E731
-                                    requires_grad=True)
-        q, k, v = big(a.heads), big(a.kv_heads), big(a.kv_heads)
-        grad = torch.randn(a.batch, a.heads, a.seq, a.head_dim, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (shape(h, a.batch, a.seq).bfloat16().detach().requires_grad_() for h in (a.heads, a.kv_heads, a.kv_heads))
+        grad = shape(a.heads, a.batch, a.seq).bfloat16()
 
         def step():
             attend(q, k, v, backend, gqa_native).backward(grad)
@@ -109,6 +114,10 @@ def main() -> None:
     for bname, backend in BACKENDS.items():
         for gqa_native in (False, True):
             check_and_time(f"{bname}{'+enable_gqa' if gqa_native else '+repeat_kv'}", backend, gqa_native, a)
+    from neox.model.flash import flash_kernel
+
+    if flash_kernel() == FA4:
+        check_and_time("fa4 (neox custom ops, native GQA)", FA4, True, a)
     if not a.skip_block:
         block_compile(a)
 

@@ -3,14 +3,14 @@
 Fused QKV layout (docs/internals.md): the full weight is [q (nq*d); k (nkv*d); v (nkv*d)] by rows
 and each tensor-parallel shard is [its q heads; its k heads; its v heads].
 
-Backends: ``flash`` uses flash_attn when importable (CUDA, fp16/bf16), else SDPA, which picks its
-flash or cuDNN kernel on GPU; ``global`` uses SDPA with the default dispatch (math on CPU).
+Backends: ``flash`` uses a FlashAttention package when importable (neox/model/flash.py: FA4 on Hopper
+and Blackwell, else FA2; CUDA, fp16/bf16), else SDPA, which picks its flash or cuDNN kernel on GPU;
+``global`` uses SDPA with the default dispatch (math on CPU).
 Causal masking is ``is_causal`` on the fast path, never a materialised [s, s] mask.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,15 +21,12 @@ from torch.distributed import ProcessGroup
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, fork_model_parallel_rng
 from megatron_core.tensor_parallel.utils import group_world_size
 from neox.config.derive import num_kv_heads
+from neox.model import flash
 from neox.model.kv_cache import KVCache, visible
 from neox.model.rotary import apply_rotary
 
 if TYPE_CHECKING:
     from neox.config.model import ModelConfig
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -41,16 +38,6 @@ def layer_backend(cfg: ModelConfig, layer: int) -> str:
     refuses other kinds)."""
     kinds = list(cfg.attention_config or [])
     return kinds[layer] if layer < len(kinds) else "global"
-
-
-def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
-                window: int | None = None) -> torch.Tensor:
-    from flash_attn import flash_attn_func  # optional dependency
-
-    # [b, s, heads, d]; GQA handled natively; causal is bottom-right aligned (KV cache safe).
-    # GPT-NeoX's sliding window: window_size=(w, -1), each query sees itself and w earlier keys.
-    extra = {"window_size": (window, -1)} if window is not None else {}
-    return flash_attn_func(q, k, v, dropout_p=dropout, causal=True, **extra)
 
 
 def window_mask(s: int, t: int, window: int, device: torch.device) -> torch.Tensor:
@@ -104,7 +91,7 @@ class Attention(nn.Module):
         self.nq, self.nkv = nq // tp, nkv // tp  # per rank
         self.backend = layer_backend(cfg, layer)
         # Decided once here: an import probe inside forward is a torch.compile graph break.
-        self.flash_attn = self.backend == "flash" and flash_attn_available()
+        self.flash_kernel = flash.flash_kernel() if self.backend == "flash" else None
         self.dropout, self.tp = cfg.attention_dropout, tp
         self.window = cfg.sliding_window_width
         d = self.head_dim
@@ -136,9 +123,9 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
                 kv_cache: KVCache | None) -> torch.Tensor:
         """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d]."""
-        use_flash = self.flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        if use_flash and kv_cache is None:
-            return _flash_attn(q, k, v, dropout, self.window)
+        use_flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and kv_cache is None
+        if use_flash and flash.supports(self.flash_kernel, dropout, self.window):
+            return flash.flash_attention(self.flash_kernel, q, k, v, dropout, self.window)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)

@@ -4,7 +4,8 @@ bf16 against the fp32 hand-written reference of tests/unit/test_sliding_window.p
 import pytest
 import torch
 
-from neox.model.attention import _flash_attn, _sdpa, flash_attn_available
+from neox.model.attention import _sdpa
+from neox.model.flash import FA2, flash_attention, flash_kernel
 from tests.unit.test_sliding_window import _reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -24,10 +25,10 @@ def test_sdpa_banded_mask_bf16(window):
     assert (out - ref).abs().max().item() < 3e-2
 
 
-@pytest.mark.skipif(not flash_attn_available(), reason="needs flash_attn")
+@pytest.mark.skipif(flash_kernel() != FA2, reason="needs FlashAttention-2 (FA4 runs windows through SDPA)")
 @pytest.mark.parametrize("window", [16, 100])
 def test_flash_attn_window_matches_the_reference(window):
     q, k, v = _qkv()
     ref = _reference(q, k, v, window)
-    out = _flash_attn(*(t.bfloat16().transpose(1, 2) for t in (q, k, v)), 0.0, window).transpose(1, 2).float()
+    out = flash_attention(FA2, *(t.bfloat16().transpose(1, 2) for t in (q, k, v)), 0.0, window).transpose(1, 2).float()
     assert (out - ref).abs().max().item() < 3e-2

@@ -1,0 +1,124 @@
+"""FlashAttention kernels for the ``flash`` attention backend, used when importable.
+
+Two packages provide them, both optional and neither needing a CUDA compile on the user's side when
+installed from wheels:
+- FlashAttention-2 (``flash_attn``: ``flash_attn.flash_attn_func``), on any GPU it was built for;
+- FlashAttention-4 (``flash-attn-4``: ``flash_attn.cute``, kernels written in CuTe DSL and compiled
+  on first use), on Hopper and Blackwell (compute capability 9.x / 10.x). It is preferred there: it
+  uses those chips' asynchronous matrix instructions, which FlashAttention-2 does not.
+
+FlashAttention-4's entry point is a Python ``autograd.Function`` that compiles kernels on its first
+call, which torch.compile cannot trace; here its forward and backward are two opaque custom ops with
+shape-only fake kernels, so a compiled block stays one graph around them. Anything a kernel lacks
+(dropout, a sliding window, fp32) falls back to SDPA in the caller.
+
+Status: the selection and the fallback of an FA4 that does not import ran on an H200 (session 8);
+the FA4 kernels themselves have not run yet (that install lacked ``nvidia-cutlass-dsl-libs-core``),
+so scripts/install.sh does not install flash-attn-4. tests/gpu/test_flash_gpu.py is the check.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+
+import torch
+from torch import Tensor
+
+FA2, FA4 = "fa2", "fa4"
+log = logging.getLogger(__name__)
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails to import
+        return False
+
+
+@functools.cache
+def _fa4_imports() -> bool:
+    """flash-attn-4 found but unusable (its CuTe DSL runtime missing, say) falls back, said once."""
+    try:
+        importlib.import_module("flash_attn.cute.interface")
+        return True
+    except Exception as err:  # noqa: BLE001 - any import failure means: do not use it
+        log.warning("flash-attn-4 is installed but does not import (%s: %s); attention falls back",
+                    type(err).__name__, err)
+        return False
+
+
+def flash_kernel() -> str | None:
+    """The FlashAttention package to use on this machine's GPU: FA4 on compute capability 9.x/10.x
+    when installed, else FA2 when installed, else None (SDPA)."""
+    if not _has("flash_attn"):
+        return None
+    if (_has("flash_attn.cute") and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)
+            and _fa4_imports()):
+        return FA4
+    # flash-attn-4 alone installs flash_attn/ as a namespace package without FlashAttention-2 in it
+    return FA2 if _has("flash_attn.flash_attn_interface") else None
+
+
+def supports(kind: str | None, dropout: float, window: int | None) -> bool:
+    if kind == FA2:
+        return True
+    return kind == FA4 and dropout == 0.0 and window is None
+
+
+def flash_attention(kind: str, q: Tensor, k: Tensor, v: Tensor, dropout: float, window: int | None) -> Tensor:
+    """Causal attention; q [b, s, nq, d], k/v [b, s, nkv, d] (grouped heads natively) -> [b, s, nq, d]."""
+    if kind == FA2:
+        from flash_attn import flash_attn_func  # optional dependency
+
+        # GPT-NeoX's sliding window: window_size=(w, -1), each query sees itself and w earlier keys.
+        extra = {"window_size": (window, -1)} if window is not None else {}
+        return flash_attn_func(q, k, v, dropout_p=dropout, causal=True, **extra)
+    # contiguous so the fake kernels' strides are the real ones (v is a view of the fused QKV output)
+    out, _ = torch.ops.neox.fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous(), q.shape[-1] ** -0.5)
+    return out
+
+
+@torch.library.custom_op("neox::fa4_fwd", mutates_args=(), device_types="cuda")
+def _fa4_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    res = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)
+    return res[0], res[1]  # later versions return more (probabilities, row maxima) after out and lse
+
+
+@_fa4_fwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    b, s, h, _ = q.shape
+    return q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("neox::fa4_bwd", mutates_args=(), device_types="cuda")
+def _fa4_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True)[:3]
+    return dq, dk, dv
+
+
+@_fa4_bwd.register_fake
+def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _backward(ctx, dout: Tensor, _dlse: Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.neox.fa4_bwd(dout.contiguous(), q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_fa4_fwd.register_autograd(_backward, setup_context=_setup)
