@@ -188,9 +188,52 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
                                        mpu=None if is_pipeline else mpu, dist_init_required=False)
     engine = Engine(ds, is_pipeline=is_pipeline)
+    if engine.loss_needs_fp16_scaling() and is_pipeline:
+        _scale_pipeline_loss(ds)
     if skip_single_rank_allreduce and not is_pipeline and not ds.zero_optimization():
         engine.skip_gradient_allreduce()
     return engine
+
+
+def _fp16_zero0_optimizer(ds: Any) -> bool:
+    """Whether DeepSpeed stepped fp16 through its ZeRO-0 wrappers (FP16_Optimizer, FP16_UnfusedOptimizer),
+    whose loss DeepSpeed 0.19's ``engine.backward`` leaves unscaled.
+
+    That ``backward`` multiplies the loss by the loss scale only for ZeRO optimizers and torch-autocast's
+    grad scaler, yet those two wrappers' ``step`` divides the gradients by the scale all the same (and
+    checks them for overflow): every update ends up ``loss_scale`` times too small, the clipping threshold
+    is never reached, and fp16 gradients that need the scale underflow. Measured on an H200: the captured
+    gradient norms of a one-stage pipeline at ZeRO 0 were exactly 1/4096 of the fp32 run's
+    (tests/gpu/test_norms_pipe_gpu.py). Upstream: deepspeedai/DeepSpeed pull request 8393 (open).
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    opt = ds.optimizer
+    return (bool(ds.fp16_enabled()) and not isinstance(opt, ZeROOptimizer)
+            and getattr(ds, "torch_autocast_z0_gradscaler", None) is None
+            and getattr(opt, "loss_scale_config", None) is not None)
+
+
+def _scale_pipeline_loss(ds: Any) -> None:
+    """The pipeline engine's last stage calls the base engine's ``backward`` on ``self.loss`` from its
+    BackwardPass instruction; scale that loss for the call (earlier stages receive scaled gradients).
+    The instruction table is looked up on the instance, so one entry is replaced there; the loss the
+    engine reports was summed in the forward pass and is left as it is."""
+    from deepspeed.runtime.pipe import schedule
+
+    original = type(ds)._INSTRUCTION_MAP[schedule.BackwardPass]
+
+    def backward_pass(self: Any, buffer_id: int) -> None:
+        if not self.is_last_stage():
+            return original(self, buffer_id)
+        loss = self.loss
+        self.loss = loss.float() * self.optimizer.loss_scale_config.cur_scale
+        try:
+            return original(self, buffer_id)
+        finally:
+            self.loss = loss
+
+    ds._INSTRUCTION_MAP = {**type(ds)._INSTRUCTION_MAP, schedule.BackwardPass: backward_pass}
 
 
 class Engine:
@@ -207,6 +250,7 @@ class Engine:
     def __init__(self, ds_engine: Any, *, is_pipeline: bool) -> None:
         self._ds = ds_engine
         self.is_pipeline = is_pipeline
+        self._scale_fp16_loss = _fp16_zero0_optimizer(ds_engine)
 
     # training and evaluation -----------------------------------------------------------------------
     def __call__(self, *inputs: Any) -> Any:
@@ -219,7 +263,13 @@ class Engine:
         self._ds.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._scale_fp16_loss:  # what FP16_Optimizer.backward would do (see _fp16_zero0_optimizer)
+            loss = loss.float() * self._ds.optimizer.loss_scale_config.cur_scale
         self._ds.backward(loss)
+
+    def loss_needs_fp16_scaling(self) -> bool:
+        """fp16 at ZeRO 0: DeepSpeed's backward leaves the loss unscaled, so neox scales it."""
+        return self._scale_fp16_loss
 
     def step(self) -> None:
         self._ds.step()

@@ -1,5 +1,6 @@
 """CUDA-only: log_grad_norm on the pipeline engine in fp16, as GPT-NeoX's Pythia 12B / 2.8B configs train
-(pipe_parallel_size 1, fp16 with a dynamic loss scale, ZeRO-1; and ZeRO-0's FP16_Optimizer). The captured
+(pipe_parallel_size 1, fp16 with a dynamic loss scale, ZeRO-1; and ZeRO-0's FP16_Optimizer, also on the plain
+engine, whose loss DeepSpeed 0.19 leaves unscaled and neox scales: neox/training/engine.py). The captured
 norms are unscaled (loss scale 4096 here): their total equals DeepSpeed's own global norm, and the first
 step's per-parameter norms are those of the fp32 plain-engine run of the same model and batch (fp16's
 tolerance). The CPU tests (tests/distributed/test_norms_pipe.py) cover fp32 and bf16 exactly.
@@ -26,6 +27,7 @@ VARIANTS = {
     "plain_fp32": {},
     "pipe1_fp16_zero1": {"pipe_parallel_size": 1, "fp16": FP16, "zero_optimization": {"stage": 1}},
     "pipe1_fp16": {"pipe_parallel_size": 1, "fp16": FP16},
+    "plain_fp16": {"fp16": FP16},  # ZeRO 0 without a pipeline: FP16_Optimizer on the plain engine
 }
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -55,7 +57,7 @@ def runs(tmp_path_factory) -> dict[str, list]:
     return json.loads((tmp / "records.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["pipe1_fp16_zero1", "pipe1_fp16"])
+@pytest.mark.parametrize("name", ["pipe1_fp16_zero1", "pipe1_fp16", "plain_fp16"])
 def test_fp16_pipeline_norms_are_unscaled_and_total_the_global_norm(runs, name):
     recs = runs[name]
     assert len(recs) == 3 and recs[0]["loss_scale"] == 4096.0
@@ -66,7 +68,7 @@ def test_fp16_pipeline_norms_are_unscaled_and_total_the_global_norm(runs, name):
         assert rec["grad_norm"] is not None and rec["grad_norm_total"] == pytest.approx(rec["grad_norm"], rel=2e-3)
 
 
-@pytest.mark.parametrize("name", ["pipe1_fp16_zero1", "pipe1_fp16"])
+@pytest.mark.parametrize("name", ["pipe1_fp16_zero1", "pipe1_fp16", "plain_fp16"])
 def test_fp16_pipeline_first_step_norms_match_fp32_plain(runs, name):
     got, want = runs[name][0], runs["plain_fp32"][0]
     assert got["skipped_iterations"] == 0
