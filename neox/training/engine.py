@@ -189,7 +189,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
                                        mpu=None if is_pipeline else mpu, dist_init_required=False)
     engine = Engine(ds, is_pipeline=is_pipeline)
     if engine.loss_needs_fp16_scaling() and is_pipeline:
-        _scale_pipeline_loss(ds)
+        _scale_pipeline_loss(ds, engine.scale_fp16_loss)
     if skip_single_rank_allreduce and not is_pipeline and not ds.zero_optimization():
         engine.skip_gradient_allreduce()
     return engine
@@ -214,7 +214,7 @@ def _fp16_zero0_optimizer(ds: Any) -> bool:
             and getattr(opt, "loss_scale_config", None) is not None)
 
 
-def _scale_pipeline_loss(ds: Any) -> None:
+def _scale_pipeline_loss(ds: Any, scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """The pipeline engine's last stage calls the base engine's ``backward`` on ``self.loss`` from its
     BackwardPass instruction; scale that loss for the call (earlier stages receive scaled gradients).
     The instruction table is looked up on the instance, so one entry is replaced there; the loss the
@@ -227,7 +227,7 @@ def _scale_pipeline_loss(ds: Any) -> None:
         if not self.is_last_stage():
             return original(self, buffer_id)
         loss = self.loss
-        self.loss = loss.float() * self.optimizer.loss_scale_config.cur_scale
+        self.loss = scale(loss)
         try:
             return original(self, buffer_id)
         finally:
@@ -251,6 +251,7 @@ class Engine:
         self._ds = ds_engine
         self.is_pipeline = is_pipeline
         self._scale_fp16_loss = _fp16_zero0_optimizer(ds_engine)
+        self._step_loss_scale = 1.0
 
     # training and evaluation -----------------------------------------------------------------------
     def __call__(self, *inputs: Any) -> Any:
@@ -263,13 +264,16 @@ class Engine:
         self._ds.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self._scale_fp16_loss:  # what FP16_Optimizer.backward would do (see _fp16_zero0_optimizer)
-            loss = loss.float() * self._ds.optimizer.loss_scale_config.cur_scale
-        self._ds.backward(loss)
+        self._ds.backward(self.scale_fp16_loss(loss) if self._scale_fp16_loss else loss)
 
     def loss_needs_fp16_scaling(self) -> bool:
         """fp16 at ZeRO 0: DeepSpeed's backward leaves the loss unscaled, so neox scales it."""
         return self._scale_fp16_loss
+
+    def scale_fp16_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """What FP16_Optimizer.backward does (see _fp16_zero0_optimizer); the scale is kept for the norm."""
+        self._step_loss_scale = float(self._ds.optimizer.loss_scale_config.cur_scale)
+        return loss.float() * self._step_loss_scale
 
     def step(self) -> None:
         self._ds.step()
@@ -295,7 +299,16 @@ class Engine:
         return bool(self._ds.was_step_applied())
 
     def get_global_grad_norm(self) -> torch.Tensor | float | None:
-        return self._ds.get_global_grad_norm()
+        """The last step's gradient norm, unscaled. FP16_UnfusedOptimizer (ZeRO 0 fp16 with an optimizer
+        DeepSpeed does not fuse) keeps the norm of the scaled gradients where its fused sibling divides
+        by the loss scale; the scale to divide by is the one the step's backward used (the step may
+        have raised it since)."""
+        norm = self._ds.get_global_grad_norm()
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        if norm is not None and isinstance(self._ds.optimizer, FP16_UnfusedOptimizer) and self._scale_fp16_loss:
+            return norm / self._step_loss_scale
+        return norm
 
     def get_lr(self) -> list[float]:
         return self._ds.get_lr()

@@ -39,6 +39,9 @@ class _DS:
     def backward(self, loss):
         self.got = loss
 
+    def get_global_grad_norm(self):
+        return 3.0 * SCALE if isinstance(self.optimizer, FP16_UnfusedOptimizer) else 3.0
+
 
 @pytest.mark.parametrize("cls,fp16,scaled", [(FP16_Optimizer, True, True), (FP16_UnfusedOptimizer, True, True),
                                              (DeepSpeedZeroOptimizer, True, False), (FP16_Optimizer, False, False)])
@@ -49,6 +52,8 @@ def test_backward_scales_the_loss_exactly_where_deepspeed_does_not(cls, fp16, sc
     eng.backward(loss)
     assert eng.loss_needs_fp16_scaling() is scaled
     assert ds.got.item() == (0.5 * SCALE if scaled else 0.5)
+    ds.optimizer.loss_scale_config.cur_scale = 2 * SCALE  # the step raised the scale after the norm
+    assert eng.get_global_grad_norm() == 3.0  # the unfused optimizer's scaled norm divided by the step's scale
 
 
 def test_pipeline_last_stage_backward_sees_the_scaled_loss_and_keeps_the_reported_one():
@@ -65,7 +70,7 @@ def test_pipeline_last_stage_backward_sees_the_scaled_loss_and_keeps_the_reporte
 
     for last, want in ((True, 2.0 * SCALE), (False, 2.0)):
         ds = _Pipe(last)
-        boundary._scale_pipeline_loss(ds)
+        boundary._scale_pipeline_loss(ds, lambda loss: loss.float() * SCALE)
         MethodType(ds._INSTRUCTION_MAP[schedule.BackwardPass], ds)(buffer_id=1)  # as DeepSpeed's schedule calls it
         assert seen[-1] == (1, want) and ds.loss.item() == 2.0
     assert _Pipe._INSTRUCTION_MAP[schedule.BackwardPass] is not ds._INSTRUCTION_MAP[schedule.BackwardPass]
