@@ -124,7 +124,7 @@ class Attention(nn.Module):
                 kv_cache: KVCache | None) -> torch.Tensor:
         """q [b, s, nq, d], k/v [b, s, nkv, d] -> [b, s, nq, d]."""
         use_flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and kv_cache is None
-        if use_flash and flash.supports(self.flash_kernel, dropout, self.window):
+        if use_flash and flash.supports(self.flash_kernel, dropout, self.window, q.shape[-1]):
             return flash.flash_attention(self.flash_kernel, q, k, v, dropout, self.window)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if kv_cache is not None:

@@ -10,7 +10,7 @@ installed from wheels:
 FlashAttention-4's entry point is a Python ``autograd.Function`` that compiles kernels on its first
 call, which torch.compile cannot trace; here its forward and backward are two opaque custom ops with
 shape-only fake kernels, so a compiled block stays one graph around them. Anything a kernel lacks
-(dropout, a sliding window, fp32) falls back to SDPA in the caller.
+(dropout, a sliding window, fp32, a head size FA4 has not run at) falls back to SDPA in the caller.
 
 Measured on an H200 (session 9, docs/performance.md): FA4 4.0.0b36 against cuDNN's SDPA kernel,
 forward and backward, 1.18x at head dim 64 and 1.13x at 128, and +3.6% on TinyLlama's training step;
@@ -63,10 +63,15 @@ def flash_kernel() -> str | None:
     return FA2 if _has("flash_attn.flash_attn_interface") else None
 
 
-def supports(kind: str | None, dropout: float, window: int | None) -> bool:
+FA4_HEAD_DIMS = (64, 128)
+"""The head sizes FA4's kernels ran at on an H200 (tests/gpu/test_flash_gpu.py, bench/attention_backends.py);
+its Hopper backward has per-size tile choices, so other sizes (Pythia 2.8B's 80, say) stay on SDPA until measured."""
+
+
+def supports(kind: str | None, dropout: float, window: int | None, head_dim: int) -> bool:
     if kind == FA2:
         return True
-    return kind == FA4 and dropout == 0.0 and window is None
+    return kind == FA4 and dropout == 0.0 and window is None and head_dim in FA4_HEAD_DIMS
 
 
 def flash_attention(kind: str, q: Tensor, k: Tensor, v: Tensor, dropout: float, window: int | None) -> Tensor:

@@ -42,11 +42,12 @@ def test_an_fa4_that_does_not_import_falls_back_to_fa2(monkeypatch, caplog):
 
 
 def test_fa4_falls_back_for_what_it_lacks():
-    assert flash.supports(flash.FA4, 0.0, None)
-    assert not flash.supports(flash.FA4, 0.1, None)  # no dropout in FA4
-    assert not flash.supports(flash.FA4, 0.0, 128)  # windows go to SDPA's banded mask
-    assert flash.supports(flash.FA2, 0.1, 128)
-    assert not flash.supports(None, 0.0, None)
+    assert flash.supports(flash.FA4, 0.0, None, 64) and flash.supports(flash.FA4, 0.0, None, 128)
+    assert not flash.supports(flash.FA4, 0.1, None, 64)  # no dropout in FA4
+    assert not flash.supports(flash.FA4, 0.0, 128, 64)  # windows go to SDPA's banded mask
+    assert not flash.supports(flash.FA4, 0.0, None, 80)  # a head size FA4 has not run at here
+    assert flash.supports(flash.FA2, 0.1, 128, 80)
+    assert not flash.supports(None, 0.0, None, 64)
 
 
 def test_has_survives_a_broken_parent_package(monkeypatch):
