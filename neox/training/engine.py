@@ -12,8 +12,9 @@ Pipeline or not is decided here once: :func:`uses_pipeline` for the config (whic
 Written against DeepSpeed 0.19.8 (pyproject pins ``deepspeed>=0.19.8,<0.20``): the private
 attributes used below (``checkpoint_engine.save``, ``_config.load_universal_checkpoint``,
 ``enable_backward_allreduce``, the optimizer's loss-scale fields, the pipeline engine's
-``_take_model_step``, the CPU accelerator's op builders and the shared-memory buffer name) are those
-of that release.
+``_take_model_step`` and ``_INSTRUCTION_MAP``, the CPU accelerator's op builders and the shared-memory
+buffer name) and the fp16 ZeRO-0 loss-scale workaround (``_fp16_zero0_optimizer``) are those of that
+release.
 """
 
 from __future__ import annotations
