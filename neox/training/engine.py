@@ -253,6 +253,9 @@ class Engine:
         self.is_pipeline = is_pipeline
         self._scale_fp16_loss = _fp16_zero0_optimizer(ds_engine)
         self._step_loss_scale = 1.0
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        self._norm_keeps_scale = self._scale_fp16_loss and isinstance(ds_engine.optimizer, FP16_UnfusedOptimizer)
 
     # training and evaluation -----------------------------------------------------------------------
     def __call__(self, *inputs: Any) -> Any:
@@ -273,7 +276,7 @@ class Engine:
 
     def scale_fp16_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """What FP16_Optimizer.backward does (see _fp16_zero0_optimizer); the scale is kept for the norm."""
-        self._step_loss_scale = float(self._ds.optimizer.loss_scale_config.cur_scale)
+        self._step_loss_scale = self.loss_scale()
         return loss.float() * self._step_loss_scale
 
     def step(self) -> None:
@@ -305,11 +308,7 @@ class Engine:
         by the loss scale; the scale to divide by is the one the step's backward used (the step may
         have raised it since)."""
         norm = self._ds.get_global_grad_norm()
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-        if norm is not None and isinstance(self._ds.optimizer, FP16_UnfusedOptimizer) and self._scale_fp16_loss:
-            return norm / self._step_loss_scale
-        return norm
+        return norm / self._step_loss_scale if norm is not None and self._norm_keeps_scale else norm
 
     def get_lr(self) -> list[float]:
         return self._ds.get_lr()
