@@ -75,6 +75,33 @@ def check_and_time(name, backend, gqa_native, a):
         print(json.dumps({"variant": name, "error": repr(e)[:200]}), flush=True)
 
 
+def fa4_host_cost(a):
+    """CPU time of one FA4 call, its own interface against neox's direct kernel calls; no synchronisation
+    inside the timed loop, so the GPU's queue absorbs the kernels and only the host's work is timed."""
+    import time
+
+    from neox.model.flash import _fa4_interface_bwd, _fa4_interface_fwd
+
+    q, k, v, dout = (torch.randn(a.batch, a.seq, h, a.head_dim, device="cuda", dtype=torch.bfloat16)
+                     for h in (a.heads, a.kv_heads, a.kv_heads, a.heads))
+    scale = a.head_dim ** -0.5
+    out, lse = torch.ops.neox.fa4_fwd(q, k, v, scale)
+    variants = {"interface_fwd": lambda: _fa4_interface_fwd(q, k, v, scale),
+                "direct_fwd": lambda: torch.ops.neox.fa4_fwd(q, k, v, scale),
+                "interface_bwd": lambda: _fa4_interface_bwd(dout, q, k, v, out, lse, scale),
+                "direct_bwd": lambda: torch.ops.neox.fa4_bwd(dout, q, k, v, out, lse, scale)}
+    us = {}
+    for name, fn in variants.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        us[f"{name}_us"] = round((time.perf_counter() - t0) / 20 * 1e6, 1)
+        torch.cuda.synchronize()
+    print(json.dumps({"variant": "fa4 host time per call", **us}), flush=True)
+
+
 def block_compile(a):
     from triton.testing import do_bench
 
@@ -118,6 +145,7 @@ def main() -> None:
 
     if flash_kernel() == FA4:
         check_and_time("fa4 (neox custom ops, native GQA)", FA4, True, a)
+        fa4_host_cost(a)
     if not a.skip_block:
         block_compile(a)
 

@@ -14,6 +14,8 @@
 #           (bench/fp8_loss.py; prints the max relative loss difference after warm-up, tolerance 1.5%)
 #   PART=6  Llemma-7B bf16 at mbs 2, lever L0: compile tuning off / on (L1, accumulation 2 summed in bf16, ran out
 #           of memory in session 8, with and without expandable segments: dropped)
+#   PART=7  Llemma-7B bf16 with FA4 (4 GiB less at the peak than SDPA): mbs 2, then L1 again (mbs 2, accumulation 2
+#           summed in bf16), then mbs 3; FP8 tensorwise at mbs 2 in what is left
 # Every neox run compiles cold (60-160 s), so the runs are short: 20 steps, the first 10 left out,
 # medians over two 5-step records. The TinyLlama runs use the committed config as is (torch_compile_tuning
 # on); the 7B runs the same fast settings with tuning off to fit the time (TUNING=1 turns it on there).
@@ -93,5 +95,13 @@ case $PART in
   # Lever L0 (docs/performance.md, 7B bf16): compile tuning, which PART 3 turns off to fit the time
   bench_case 7b_bf16_mbs2 200 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2
   bench_case 7b_bf16_mbs2_tuned 260 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --set torch_compile_tuning=true ;;
-*) echo "fp8.sh: PART must be 1-6, got $PART"; exit 2 ;;
+7)
+  bench_case 7b_bf16_mbs2 200 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --steps 14 --warmup 6 --log-interval 2
+  bench_case 7b_bf16_mbs2_ga2 170 "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 --steps 10 --warmup 4 --log-interval 2 \
+    --set gradient_accumulation_steps=2 --set 'data_types={grad_accum_dtype: bf16}'
+  bench_case 7b_bf16_mbs3 170 "${L7B[@]}" --set train_micro_batch_size_per_gpu=3 --steps 12 --warmup 6 --log-interval 2
+  left=$((570 - SECONDS))
+  if (( left > 100 )); then bench_case 7b_fp8_tensorwise_mbs2 "$left" "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 \
+    --set fp8_recipe=tensorwise --steps 14 --warmup 6 --log-interval 2; fi ;;
+*) echo "fp8.sh: PART must be 1-7, got $PART"; exit 2 ;;
 esac

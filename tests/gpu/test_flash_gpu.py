@@ -66,3 +66,28 @@ def test_fa4_compiles_in_one_graph_and_matches_eager():
     eager, comp = _run(block, q, k, v, grad), _run(compiled, q, k, v, grad)
     for name, a, b in zip(("out", "dq", "dk", "dv"), comp, eager):
         assert _rel(a, b) < 1e-2, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("shape", [(2, 1024, 8, 2, 64), (1, 2048, 8, 8, 128)])
+def test_fa4_direct_kernel_calls_match_its_interface(shape):
+    """After a shape's first call neox calls FA4's compiled kernels itself (neox/model/kernel_replay.py);
+    on fresh inputs every later call gives what FA4's own interface gives."""
+    from neox.model.flash import _fa4_interface_bwd, _fa4_interface_fwd, _fa4_replays
+    from neox.model.kernel_replay import _Plan
+
+    b, s, nq, nkv, d = shape
+    scale = d ** -0.5
+    for seed in range(3):
+        torch.manual_seed(seed)
+        q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for h in (nq, nkv, nkv, nq))
+        out, lse = torch.ops.neox.fa4_fwd(q, k, v, scale)
+        want_out, want_lse = _fa4_interface_fwd(q, k, v, scale)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        got = torch.ops.neox.fa4_bwd(dout, q, k, v, out, lse, scale)
+        want = _fa4_interface_bwd(dout, q, k, v, out, lse, scale)
+        for name, a, w in zip(("dq", "dk", "dv"), got, want):
+            assert a.dtype == w.dtype and a.shape == w.shape
+            assert _rel(a.float(), w.float()) < 1e-3, (name, _rel(a.float(), w.float()))  # dq sums with atomics
+    assert _fa4_replays() is not None, "NEOX_FA4_INTERFACE=1 turns the direct calls off"
+    for replay in _fa4_replays():
+        assert replay._plans and all(isinstance(p, _Plan) for p in replay._plans.values()), replay.name
