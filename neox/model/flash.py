@@ -10,9 +10,11 @@ installed from wheels:
 FlashAttention-4's entry point is a Python ``autograd.Function`` that compiles kernels on its first
 call, which torch.compile cannot trace; here its forward and backward are two opaque custom ops with
 shape-only fake kernels, so a compiled block stays one graph around them. Inside them, after a shape's
-first call, neox calls FA4's compiled kernels itself (neox/model/kernel_replay.py): the interface's
-Python took 351 µs of CPU a forward and 486 µs a backward, and the GPU waited on it. Anything a kernel
-lacks (dropout, a sliding window, fp32, a head size FA4 has not run at) falls back to SDPA in the caller.
+first call, neox calls FA4's compiled kernels itself (neox/model/kernel_replay.py). On the H200's
+host that takes a forward from 93 to 36 µs of CPU and a backward from 113 to 99 µs (five kernel calls
+at grouped heads); the FP8 TinyLlama step's GPU idle time went from 8.2 to 7.3 ms (session 10,
+docs/performance.md). Anything a kernel lacks (dropout, a sliding window, fp32, a head size FA4 has
+not run at) falls back to SDPA in the caller.
 
 Measured on an H200 (session 9, docs/performance.md): FA4 4.0.0b36 against cuDNN's SDPA kernel,
 forward and backward, 1.18x at head dim 64 and 1.13x at 128, and +3.6% on TinyLlama's training step;
