@@ -1,16 +1,19 @@
 """FP8 training of the transformer-block linears through torchao's float8 (tensorwise / rowwise recipes).
 
 neox's Column/RowParallelLinear keep their parameters and tensor-parallel collectives; only the local
-shard matmul is swapped (the layers' ``linear_fn`` hook) for torchao's float8 autograd function
-``matmul_with_hp_or_float8_args``, the same one ``torchao.float8.Float8Linear`` runs (at tensor
-parallel > 1, the same casts and GEMMs with the amax reduction below). So every rank
-casts its input, weight shard and output gradient to FP8 with dynamic scales (one per tensor, or one
-per row), while the all-gathers / reductions around it stay in bf16 and the state_dict, ZeRO
-partitioning, gradient clipping and checkpoints are exactly those of a bf16 run. Scales are computed
-from the whole tensor, as on one rank: where a tensor-parallel rank holds a shard of a tensor and the
-scale's amax runs over the split dimension (tensorwise always; rowwise when the row is split), the
-shard's amax is all-reduced (MAX) over the tensor-parallel group first, so TP n casts every element
-with the scale TP 1 uses and trains the same losses (tests/distributed/test_fp8_train.py).
+shard matmul is swapped (the layers' ``linear_fn`` hook) for neox's copy of torchao's float8 autograd
+function ``matmul_with_hp_or_float8_args``, the one ``torchao.float8.Float8Linear`` runs: the same
+casts (torchao's own functions and configs) and GEMMs, with two differences that leave every FP8 bit
+as torchao's. Under tensorwise scaling the weight-gradient GEMM casts the input with the scale its
+forward computed, instead of taking that amax a second time; and at tensor parallel > 1 the amax
+reduction below. So every rank casts its input, weight shard and output gradient to FP8 with dynamic
+scales (one per tensor, or one per row), while the all-gathers / reductions around it stay in bf16
+and the state_dict, ZeRO partitioning, gradient clipping and checkpoints are exactly those of a bf16
+run. Scales are computed from the whole tensor, as on one rank: where a tensor-parallel rank holds a
+shard of a tensor and the scale's amax runs over the split dimension (tensorwise always; rowwise when
+the row is split), the shard's amax is all-reduced (MAX) over the tensor-parallel group first, so TP n
+casts every element with the scale TP 1 uses and trains the same losses
+(tests/distributed/test_fp8_train.py).
 
 This is the only module that imports torchao, and only when FP8 is on.
 """
@@ -93,12 +96,29 @@ class _GroupMesh:
         return self._group
 
 
-def _tp_matmul() -> Any:
-    """torchao's ``matmul_with_hp_or_float8_args`` with each cast's amax all-reduced where the
-    tensor-parallel split cuts across it (the same five casts, configs and GEMMs otherwise)."""
+def _reuses_input_scale(config: Any) -> bool:
+    """Whether the weight-gradient GEMM's input cast is the output GEMM's (dynamic, tensorwise, same format).
+
+    Then the backward casts the saved input with the scale the forward computed: the same FP8 bits as
+    torchao's second amax over the input, without that amax. Under torch.compile the input is
+    recomputed in the backward (the partitioner keeps its producer's inputs), and the second amax was
+    one more full read of it per linear (measured on the H200: docs/performance.md, FP8 training).
+    """
+    from torchao.float8.config import ScalingGranularity, ScalingType
+
+    a, b = config.cast_config_input, config.cast_config_input_for_grad_weight
+    return (a.scaling_type is b.scaling_type is ScalingType.DYNAMIC and a.target_dtype == b.target_dtype
+            and a.scaling_granularity is b.scaling_granularity is ScalingGranularity.TENSORWISE)
+
+
+def _float8_matmul() -> Any:
+    """torchao's ``matmul_with_hp_or_float8_args`` (the same five casts, configs and GEMMs) with each
+    cast's amax all-reduced where the tensor-parallel split cuts across it, and the input's forward
+    scale reused for the weight gradient where the two casts are the same (``_reuses_input_scale``)."""
     from torchao.float8.config import ScalingGranularity, ScalingType
     from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
     from torchao.float8.float8_training_tensor import GemmInputRole as Role
+    from torchao.float8.float8_training_tensor import hp_tensor_and_scale_to_float8
 
     def cast(t: torch.Tensor, cast_cfg: Any, ctx: tuple, role: Any, name: str, axis: int) -> torch.Tensor:
         mm, config, sharded, mesh = ctx
@@ -112,32 +132,37 @@ def _tp_matmul() -> Any:
                                            axiswise_dim=get_maybe_axiswise_dim(axis, gran),
                                            round_scales_to_power_of_2=config.round_scales_to_power_of_2)
 
-    class TPFloat8Matmul(torch.autograd.Function):
+    class Float8Matmul(torch.autograd.Function):
         @staticmethod
         def forward(fctx: Any, x: torch.Tensor, w_t: torch.Tensor, ctx: tuple) -> torch.Tensor:  # type: ignore[override]
-            fctx.save_for_backward(x, w_t)
             fctx.neox = ctx
             c = ctx[1]
             x8 = cast(x, c.cast_config_input, ctx, Role.INPUT, "input", -1)
+            fctx.save_for_backward(x, w_t, *([x8._scale] if _reuses_input_scale(c) else []))
             w8 = cast(w_t, c.cast_config_weight, ctx, Role.WEIGHT, "weight_t", 0)
             y = torch.mm(x8.reshape(-1, x8.shape[-1]), w8)
             return y.reshape(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(fctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-            x, w_t = fctx.saved_tensors
+            x, w_t, *x_scale = fctx.saved_tensors
             ctx = fctx.neox
-            c = ctx[1]
+            mm, c = ctx[0], ctx[1]
             g = grad.reshape(-1, grad.shape[-1])
             g8 = cast(g, c.cast_config_grad_output, ctx, Role.GRAD_OUTPUT, "grad_output", -1)
             w8 = cast(w_t, c.cast_config_weight_for_grad_input, ctx, Role.WEIGHT, "weight_t", -1)
             grad_x = torch.mm(g8, w8.t()).reshape(*grad.shape[:-1], w_t.shape[0])
             g8w = cast(g, c.cast_config_grad_output_for_grad_weight, ctx, Role.GRAD_OUTPUT, "grad_output", 0)
-            x8w = cast(x.reshape(-1, x.shape[-1]), c.cast_config_input_for_grad_weight, ctx, Role.INPUT, "input", 0)
+            x2 = x.reshape(-1, x.shape[-1])
+            if x_scale:
+                x8w = hp_tensor_and_scale_to_float8(x2, x_scale[0], c.cast_config_input_for_grad_weight.target_dtype,
+                                                    mm, Role.INPUT)
+            else:
+                x8w = cast(x2, c.cast_config_input_for_grad_weight, ctx, Role.INPUT, "input", 0)
             grad_w = torch.mm(g8w.t(), x8w)
             return grad_x, grad_w.t(), None
 
-    return TPFloat8Matmul
+    return Float8Matmul
 
 
 def fp8_linear_fn(plan: Fp8Plan, kind: str | None = None, group: Any = None) -> LinearFn:
@@ -147,28 +172,18 @@ def fp8_linear_fn(plan: Fp8Plan, kind: str | None = None, group: Any = None) -> 
     with more than one rank, the casts of split tensors take their amax over the group (see SHARDED).
     """
     _torchao()
-    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-
     from megatron_core.tensor_parallel.utils import group_world_size, resolve_group
 
     config = float8_config(plan)
-    mm = _mm_config(config)
-    if kind is not None and group_world_size(group) > 1:
-        tp_matmul, ctx = _tp_matmul(), (mm, config, SHARDED[kind], _GroupMesh(resolve_group(group)))
-
-        def tp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            if torch.is_autocast_enabled(x.device.type):
-                x = x.to(torch.get_autocast_dtype(x.device.type))
-            y = tp_matmul.apply(x, weight.t(), ctx)
-            return y if bias is None else y + bias.to(y.dtype)
-
-        return tp_linear
+    split = kind is not None and group_world_size(group) > 1
+    ctx = (_mm_config(config), config, SHARDED[kind] if split else {}, _GroupMesh(resolve_group(group)) if split else None)
+    matmul = _float8_matmul()
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # As Float8Linear.forward: under autocast the custom function sees the autocast dtype.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = matmul_with_hp_or_float8_args.apply(x, weight.t(), mm, config)  # [..., out]
+        y = matmul.apply(x, weight.t(), ctx)  # [..., out]
         return y if bias is None else y + bias.to(y.dtype)
 
     return linear

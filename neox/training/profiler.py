@@ -120,7 +120,7 @@ class IterationProfiler:
         r = self.rank
         prof.export_chrome_trace(str(out / f"trace_rank{r}.json.gz"))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        (out / f"kernels_rank{r}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+        (out / f"kernels_rank{r}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=110))
         kernels, cpu_ops = [], []
         for e in prof.events():
             record, kind = (e.name, e.time_range.start, e.time_range.end), str(getattr(e, "device_type", ""))

@@ -203,11 +203,11 @@ def test_te_format_and_wgrad_map_onto_torchao_configs():
 
 @pytest.mark.parametrize("keys", [dict(fp8_recipe="tensorwise"), dict(fp8_recipe="rowwise"),
                                   dict(te_mha=True, te_fp8_wgrad=False)])
-def test_tensor_parallel_matmul_is_torchaos_without_a_split(keys):
-    """The TP variant (amax reduction where a shard cuts a scale) is torchao's matmul when nothing is split."""
+def test_neox_matmul_is_torchaos_without_a_split(keys):
+    """neox's matmul gives torchao's bits when nothing is split (amax reductions; the input scale reused)."""
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
-    from neox.model.fp8 import _mm_config, _tp_matmul, float8_config
+    from neox.model.fp8 import _float8_matmul, _mm_config, float8_config
 
     config = float8_config(fp8_plan(_precision(**keys, **EMU)))
     mm = _mm_config(config)
@@ -215,13 +215,53 @@ def test_tensor_parallel_matmul_is_torchaos_without_a_split(keys):
     x, w = torch.randn(3, 5, 48), torch.randn(40, 48)
     out, grads = [], []
     for fn in (lambda a, b: matmul_with_hp_or_float8_args.apply(a, b.t(), mm, config),
-               lambda a, b: _tp_matmul().apply(a, b.t(), (mm, config, {}, None))):
+               lambda a, b: _float8_matmul().apply(a, b.t(), (mm, config, {}, None))):
         a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(a, b)
         y.backward(torch.linspace(-2, 3, y.numel()).reshape(y.shape))
         out.append(y), grads.append((a.grad, b.grad))
     assert torch.equal(out[0], out[1])
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def _backward_amaxes(matmul) -> int:
+    """Full-tensor amax reductions in the compiled backward of rms_norm -> linear -> SwiGLU -> linear."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    counts = {}
+
+    def count(name):
+        def compiler(gm, _):
+            counts[name] = sum(n.op == "call_function" and n.target is torch.ops.aten.max.default for n in gm.graph.nodes)
+            return make_boxed_func(gm)
+        return compiler
+
+    def f(x, g, w1, w2):  # the producers (norm, SwiGLU) get recomputed in the backward, as Inductor does
+        a, b = matmul(F.rms_norm(x, (x.shape[-1],), g, 1e-5), w1).chunk(2, -1)
+        return matmul(F.silu(a) * b, w2)
+
+    torch.manual_seed(0)
+    args = [torch.randn(*s, dtype=torch.bfloat16, requires_grad=True) for s in ((2, 8, 32), (32,), (64, 32), (32, 32))]
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=count("fwd"), bw_compiler=count("bwd"), partition_fn=min_cut_rematerialization_partition)
+    torch.compile(f, backend=backend)(*args).sum().backward()
+    torch._dynamo.reset()
+    return counts["bwd"]
+
+
+def test_tensorwise_backward_takes_no_second_amax_of_the_input():
+    """torchao's matmul recomputes each linear's input amax in a compiled backward; neox's reuses the
+    forward's scale, so its backward takes only the output gradients' amaxes (one per linear)."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    from neox.model.fp8 import _float8_matmul, _mm_config, float8_config
+
+    config = float8_config(fp8_plan(_precision(fp8_recipe="tensorwise", **EMU)))
+    mm, neox_mm = _mm_config(config), _float8_matmul()
+    torchao_amaxes = _backward_amaxes(lambda x, w: matmul_with_hp_or_float8_args.apply(x, w.t(), mm, config))
+    neox_amaxes = _backward_amaxes(lambda x, w: neox_mm.apply(x, w.t(), (mm, config, {}, None)))
+    assert (torchao_amaxes, neox_amaxes) == (4, 2)
 
 
 def test_fp8_block_compiles_and_matches_eager():
