@@ -21,6 +21,7 @@ This is the only module that imports torchao, and only when FP8 is on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,7 @@ def _reuses_input_scale(config: Any) -> bool:
             and a.scaling_granularity is b.scaling_granularity is ScalingGranularity.TENSORWISE)
 
 
+@functools.cache  # one autograd Function for every layer: it holds no per-layer state (that is ctx)
 def _float8_matmul() -> Any:
     """torchao's ``matmul_with_hp_or_float8_args`` (the same five casts, configs and GEMMs) with each
     cast's amax all-reduced where the tensor-parallel split cuts across it, and the input's forward
