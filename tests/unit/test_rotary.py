@@ -57,3 +57,24 @@ def test_partial_rotary_leaves_the_rest_untouched_and_matches_fp64():
     # fp32 angles at position 7e4 carry ~7e4 * 2^-24 rad of error; elsewhere fp32 rounding.
     assert (out.double() - ref).abs().max().item() < 70000 * 2**-23 * 4 + 1e-6
     assert math.isclose(cos[0, 0, 0].item(), 1.0)
+
+
+def test_rotation_and_its_gradient_are_transformers_rotate_half_bit_for_bit():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    b, s, h, d, base = 2, 9, 3, 16, 10000.0
+    pos = torch.arange(s).expand(b, s)
+    x = torch.randn(b, s, h, d, requires_grad=True)
+    cos, sin = rotary_cos_sin(pos, d, base)
+    ours = apply_rotary(x, cos, sin)
+    # transformers' tables: cat((angles, angles)).cos()/.sin(), heads on dim 1
+    angles = pos.float()[..., None] * (1.0 / base ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((angles, angles), dim=-1)
+    xt = x.detach().transpose(1, 2).clone().requires_grad_()
+    theirs, _ = apply_rotary_pos_emb(xt, xt, emb.cos(), emb.sin())
+    assert torch.equal(ours, theirs.transpose(1, 2))
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    theirs.backward(g.transpose(1, 2))
+    assert torch.equal(x.grad, xt.grad.transpose(1, 2))
