@@ -53,9 +53,10 @@ def _signed(rot):
 
 
 class _SwiGLUHalves(torch.autograd.Function):
-    """silu(gate) * up whose backward stores d(gate) and d(up) straight into the halves of one buffer:
-    Inductor lowers a ``copy_`` into an ``as_strided`` view as a store, where a ``cat`` is one kernel
-    taking masked loads of every input for every element. Bitwise autograd's gradient."""
+    """silu(gate) * up whose backward copies d(gate) and d(up) into the halves of one buffer through
+    ``as_strided`` views, which Inductor lowers as stores into that buffer (on the CPU one half still
+    passes through a temporary), where a ``cat`` is one kernel taking masked loads of every input for
+    every element. Bitwise autograd's gradient."""
 
     @staticmethod
     def forward(ctx, y):
