@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from megatron_core.tensor_parallel.grad_accumulation import linear
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -63,8 +64,9 @@ class ColumnParallelLinear(nn.Module):
     the sequence and is all-gathered first.
     """
 
-    # The local shard matmul, F.linear's contract; FP8 training swaps it per layer (neox/model/fp8.py).
-    linear_fn: Callable[..., torch.Tensor] = staticmethod(F.linear)
+    # The local shard matmul, F.linear's contract (grad_accumulation.linear: the weight gradient can add
+    # into a parked main_grad inside its GEMM); FP8 training swaps it per layer (neox/model/fp8.py).
+    linear_fn: Callable[..., torch.Tensor] = staticmethod(linear)
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = True, gather_output: bool = False,
@@ -111,8 +113,9 @@ class RowParallelLinear(nn.Module):
     after the reduction (replicated); under sequence parallelism its gradient is all-reduced.
     """
 
-    # The local shard matmul, F.linear's contract; FP8 training swaps it per layer (neox/model/fp8.py).
-    linear_fn: Callable[..., torch.Tensor] = staticmethod(F.linear)
+    # The local shard matmul, F.linear's contract (grad_accumulation.linear: the weight gradient can add
+    # into a parked main_grad inside its GEMM); FP8 training swaps it per layer (neox/model/fp8.py).
+    linear_fn: Callable[..., torch.Tensor] = staticmethod(linear)
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = True, input_is_parallel: bool = True,

@@ -15,6 +15,7 @@ same answers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,19 @@ def accumulates_in_fp32(a: NeoXArgs) -> bool:
     return a.training.gradient_accumulation_steps > 1 and accum not in BF16_ACCUM
 
 
+GEMM_ACCUMULATION_SWITCH = "NEOX_GEMM_GRAD_ACCUMULATION"
+"""Set to 1: with master weights, bf16 accumulation and one process, linear layers add each
+micro-batch's weight gradient into the running sum inside their GEMM. A switch for benchmarking it
+against autograd's accumulation before it becomes the default (docs/performance.md)."""
+
+
+def accumulates_in_gemm(a: NeoXArgs) -> bool:
+    """The bf16 accumulation of ``master_message`` done inside the weight-gradient GEMMs."""
+    return (os.environ.get(GEMM_ACCUMULATION_SWITCH) == "1" and master_weights_choice(a).enabled
+            and a.training.gradient_accumulation_steps > 1 and not accumulates_in_fp32(a)
+            and (a.parallel.data_parallel_size or 1) == 1)
+
+
 def deepspeed_refuses_stage0(a: NeoXArgs) -> bool:
     """bf16 with fp32 gradient accumulation, which DeepSpeed 0.19.8 refuses at ZeRO stage 0."""
     accum = str((a.precision.data_types or {}).get("grad_accum_dtype", "")).lower()
@@ -108,6 +122,8 @@ def master_message(choice: MasterChoice, a: NeoXArgs) -> str:
         accum = ""
         if a.training.gradient_accumulation_steps > 1:
             accum = ", gradients accumulated in fp32" if accumulates_in_fp32(a) else ", gradients accumulated in bf16"
+            if accumulates_in_gemm(a):
+                accum += f" inside the weight-gradient GEMMs ({GEMM_ACCUMULATION_SWITCH}=1)"
         tail = f"{choice.reason}); {OPT_OUT}" if choice.auto else "optimizer_master_weights: true)"
         return f"bf16 parameters with fp32 master weights (fast path{accum}; {tail}"
     if a.precision.precision == "bfloat16":

@@ -21,6 +21,13 @@ of the micro-batches' gradients (what DeepSpeed's ``grad_accum_dtype: fp32`` ask
 gradients of the whole model never coexist. Over several data-parallel ranks ``accumulate`` then
 all-reduces the sums here, in fp32, once per step.
 
+Gradient accumulation in bf16 with ``gemm_accumulation``: after a micro-batch that is not the last,
+``accumulate`` parks each bf16 gradient on its parameter as ``main_grad``, and the next micro-batches'
+linear layers add their weight gradients into it inside the GEMM
+(``megatron_core.tensor_parallel.grad_accumulation``) instead of autograd adding them afterwards;
+any other gradient (embeddings, norms, FP8 linears) is added here. At the last micro-batch the sums
+go back to ``grad``. One process only: a data-parallel engine all-reduces ``grad`` inside backward.
+
 ``skip_nonfinite``: a step whose gradients are not all finite changes nothing (masters, moments,
 step count) and sets ``overflow``, which DeepSpeed's engine reads to skip the LR step and count a
 skipped iteration, as with its bf16 optimizer.
@@ -65,7 +72,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, compile: bool = False,
-                 accumulate_fp32: bool = False, skip_nonfinite: bool = False, dp_group: Any = None) -> None:
+                 accumulate_fp32: bool = False, gemm_accumulation: bool = False, skip_nonfinite: bool = False,
+                 dp_group: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         # dynamic=False: each parameter group keeps its own static graph; left to automatic dynamic
         # shapes, the second group made Dynamo recompile one symbolic graph over its ~45 sizes (minutes).
@@ -73,6 +81,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._accumulate = torch.compile(_accumulate, dynamic=False) if compile else _accumulate
         self._lr: dict[int, torch.Tensor] = {}
         self.accumulate_fp32, self.skip_nonfinite, self.dp_group = accumulate_fp32, skip_nonfinite, dp_group
+        if gemm_accumulation and (accumulate_fp32 or dp_group is not None):
+            raise ValueError("gemm_accumulation sums bf16 gradients on one process")
+        self.gemm_accumulation = gemm_accumulation
         # fp32 gradient sums between accumulation boundaries; not optimizer state (zero at every save)
         self._sums: dict[torch.Tensor, torch.Tensor] = {}
         if accumulate_fp32:
@@ -101,7 +112,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def accumulate(self, boundary: bool) -> None:
         """After a micro-batch's backward: add the bf16 gradients the backward hooks have not taken
         (ones set by hand) into the fp32 sums and free them; at the accumulation ``boundary``,
-        all-reduce (average) the sums over ``dp_group``."""
+        all-reduce (average) the sums over ``dp_group``. With ``gemm_accumulation``: park and restore
+        the bf16 sums (the module docstring)."""
+        if self.gemm_accumulation:
+            self._park_gradients(boundary)
         if not self.accumulate_fp32:
             return
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -118,6 +132,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             dist.all_reduce(flat, group=self.dp_group)
             flat /= dist.get_world_size(self.dp_group)
             torch._foreach_copy_(sums, torch._utils._unflatten_dense_tensors(flat, sums))
+
+    @torch.no_grad()
+    def _park_gradients(self, boundary: bool) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                held = getattr(p, "main_grad", None)
+                if p.grad is not None:
+                    if held is None:
+                        if boundary:
+                            continue
+                        p.main_grad, p.grad = p.grad, None
+                        continue
+                    held.add_(p.grad)  # a layer that did not add into main_grad itself
+                    p.grad = None
+                if boundary and held is not None:
+                    p.grad = held
+                    del p.main_grad
 
     def gradients(self, parameters: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, gradient) for the next step: the fp32 sums when accumulating, else ``grad``."""

@@ -79,7 +79,8 @@ def build_optimizer(model: torch.nn.Module, args: NeoXArgs, device: torch.device
 
             dp_group = parallel_state.get_data_parallel_group()
         return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, compile=device.type == "cuda",
-                                 accumulate_fp32=fp32_sums, skip_nonfinite=fast_path.skips_nonfinite(args),
+                                 accumulate_fp32=fp32_sums, gemm_accumulation=fast_path.accumulates_in_gemm(args),
+                                 skip_nonfinite=fast_path.skips_nonfinite(args),
                                  dp_group=dp_group)
     offload = _offloads_optimizer(args.optim.zero_optimization)
     if kind == "cpu_adam" and (offload or device.type == "cpu") or offload and boundary.installed_op("cpu_adam"):

@@ -216,3 +216,26 @@ def test_backward_hooks_sum_each_gradient_in_fp32_as_backward_produces_it():
             p.grad = None
     for (_, got), want in zip(opt.gradients(list(ours.parameters())), expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("change, world, switch, on", [
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, 1, "1", True),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, 1, None, False),  # the switch is off by default
+    ({}, 1, "1", False),  # fp32 sums
+    ({"data_types": {"grad_accum_dtype": "bf16"}, "gradient_accumulation_steps": 1}, 1, "1", False),
+    ({"data_types": {"grad_accum_dtype": "bf16"}, "zero_optimization": {"stage": 0}}, 2, "1", False),
+])
+def test_gemm_accumulation_only_with_its_switch_bf16_sums_and_one_process(monkeypatch, change, world, switch, on):
+    from neox.model.gpt import GPTModel
+    from neox.training.optim import build_optimizer
+
+    if switch is None:
+        monkeypatch.delenv(fast_path.GEMM_ACCUMULATION_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(fast_path.GEMM_ACCUMULATION_SWITCH, switch)
+    args = NeoXArgs.from_flat({**NEOX_BF16, "padded_vocab_size": 128, **change}, world_size=world)
+    assert fast_path.accumulates_in_gemm(args) is on
+    assert ("inside the weight-gradient GEMMs" in fast_path.master_message(fast_path.master_weights_choice(args), args)) is on
+    if world == 1:
+        opt = build_optimizer(GPTModel(args.model), args, torch.device("cpu"))
+        assert isinstance(opt, MasterWeightAdamW) and opt.gemm_accumulation is on
