@@ -137,16 +137,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _park_gradients(self, boundary: bool) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                held = getattr(p, "main_grad", None)
-                if p.grad is not None:
-                    if held is None:
-                        if boundary:
-                            continue
-                        p.main_grad, p.grad = p.grad, None
-                        continue
-                    held.add_(p.grad)  # a layer that did not add into main_grad itself
+                held, grad = getattr(p, "main_grad", None), p.grad
+                if held is None:
+                    if grad is not None and not boundary:
+                        p.main_grad, p.grad = grad, None
+                    continue
+                if grad is not None:  # a layer that did not add into main_grad itself
+                    held.add_(grad)
                     p.grad = None
-                if boundary and held is not None:
+                if boundary:
                     p.grad = held
                     del p.main_grad
 
