@@ -16,6 +16,9 @@
 #           of memory in session 8, with and without expandable segments: dropped)
 #   PART=7  Llemma-7B bf16 with FA4 (4 GiB less at the peak than SDPA): mbs 2, then L1 again (mbs 2, accumulation 2
 #           summed in bf16), then mbs 3; FP8 tensorwise at mbs 2 in what is left
+#   PART=8  Llemma-7B bf16 with FA4, mbs 2, summed in bf16: accumulation 2 (4 sequences a step), then 4 (8 sequences:
+#           Llemma's batch per data-parallel rank, mbs 4 x accumulation 2 in configs/llemma_7b.yml) on the same
+#           Inductor cache (warm); GEMM=1 sets NEOX_GEMM_GRAD_ACCUMULATION=1 for both
 # Every neox run compiles cold (60-160 s), so the runs are short: 20 steps, the first 10 left out,
 # medians over two 5-step records. The TinyLlama runs use the committed config as is (torch_compile_tuning
 # on); the 7B runs the same fast settings with tuning off to fit the time (TUNING=1 turns it on there).
@@ -103,5 +106,11 @@ case $PART in
   left=$((570 - SECONDS))
   if (( left > 100 )); then bench_case 7b_fp8_tensorwise_mbs2 "$left" "${L7B[@]}" --set train_micro_batch_size_per_gpu=2 \
     --set fp8_recipe=tensorwise --steps 14 --warmup 6 --log-interval 2; fi ;;
-*) echo "fp8.sh: PART must be 1-7, got $PART"; exit 2 ;;
+8)
+  BF16_SUMS=(--set train_micro_batch_size_per_gpu=2 --set 'data_types={grad_accum_dtype: bf16}' --steps 10 --warmup 4
+             --log-interval 2)
+  [[ ${GEMM:-0} == 1 ]] && export NEOX_GEMM_GRAD_ACCUMULATION=1
+  bench_case 7b_bf16_mbs2_ga2 250 "${L7B[@]}" "${BF16_SUMS[@]}" --set gradient_accumulation_steps=2
+  bench_case 7b_bf16_mbs2_ga4 220 "${L7B[@]}" "${BF16_SUMS[@]}" --set gradient_accumulation_steps=4 ;;
+*) echo "fp8.sh: PART must be 1-8, got $PART"; exit 2 ;;
 esac

@@ -10,6 +10,10 @@ in-place op is called on the buffer itself: Inductor reinplaces the functionaliz
 Whoever sets ``main_grad`` owns it: it must be a tensor of the weight's shape and dtype, and it is
 moved back to ``weight.grad`` before anything reads gradients (neox: ``MasterWeightAdamW.accumulate``).
 Without ``main_grad`` the layer is plain ``F.linear``.
+
+A compiled caller must retrace when ``main_grad`` appears. torch 2.13 does (a second graph); torch 2.11
+with CUDA does not guard on the attribute, so its compiled blocks keep plain ``F.linear`` and the owner
+adds the gradient autograd hands back (``bench/gemm_accumulation_probe.py``; docs/performance.md).
 """
 
 from __future__ import annotations
