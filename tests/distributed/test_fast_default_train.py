@@ -41,14 +41,12 @@ def _one_rank(rank: int, world: int, prefix: str, tmp: str) -> dict:
 
 def _with_gemm_accumulation(fn):
     import os
+    from unittest import mock
 
     from neox.config.fast_path import GEMM_ACCUMULATION_SWITCH
 
-    os.environ[GEMM_ACCUMULATION_SWITCH] = "1"
-    try:
+    with mock.patch.dict(os.environ, {GEMM_ACCUMULATION_SWITCH: "1"}):
         return fn()
-    finally:
-        del os.environ[GEMM_ACCUMULATION_SWITCH]
 
 
 def _two_ranks(rank: int, world: int, prefix: str) -> dict:
